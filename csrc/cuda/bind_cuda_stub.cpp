@@ -1,0 +1,21 @@
+// Linked when the package is built without CUDA: the same entry points exist
+// and raise a clear error, so callers never degrade silently.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+
+namespace py = pybind11;
+
+namespace dao {
+
+void register_cuda(py::module_& m) {
+    m.attr("WITH_CUDA") = false;
+    m.def("neighbor_list_cuda", [](py::args, py::kwargs) -> py::object {
+        throw std::runtime_error(
+            "dao was not built with CUDA: reinstall with DAO_ENABLE_CUDA=ON and a CUDA toolkit "
+            "(pip install --no-build-isolation -e . with DAO_ENABLE_CUDA=ON in the "
+            "environment), or use backend='triton' / 'torch'");
+    });
+}
+
+}  // namespace dao

@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+import dao
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # Tests use 2 intra-op threads at most; the C++ core follows torch's setting.
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+    torch.set_num_threads(old)
+
+
+requires_triton = pytest.mark.skipif(
+    not dao.has_triton(), reason="needs triton with a GPU or TRITON_INTERPRET=1"
+)
