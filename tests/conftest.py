@@ -3,7 +3,6 @@ import os
 import pytest
 import torch
 
-import dao
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,7 +20,3 @@ def _deterministic_threads():
     yield
     torch.set_num_threads(old)
 
-
-requires_triton = pytest.mark.skipif(
-    not dao.has_triton(), reason="needs triton with a GPU or TRITON_INTERPRET=1"
-)

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+
+import dao
+
+requires_triton = pytest.mark.skipif(
+    not dao.has_triton(), reason="needs triton with a GPU or TRITON_INTERPRET=1"
+)
 
 # One tolerance table for every op, keyed by dtype; references run in float64.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
