@@ -461,6 +461,10 @@ def neighbor_list_forward(
             BLOCK_J=_BLOCK_J,
             BLOCK_C=block_c,
             num_warps=num_warps,
+            # No FMA contraction: the count and fill kernels then round every
+            # distance identically (and like the C++ core), and passing the
+            # option explicitly keeps Triton 3.9's default-change warning away.
+            enable_fp_fusion=False,
         )
 
     counts = torch.zeros(n_atoms, dtype=torch.int32, device=dev)

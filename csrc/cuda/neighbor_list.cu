@@ -102,6 +102,48 @@ struct Params {
     bool self_interaction;
 };
 
+// Products and sums that the compiler may not fuse into FMAs: the count and
+// fill kernels then round every distance identically, and like the CPU core.
+DAO_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+    return __dmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+DAO_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+DAO_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+    return __dadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+DAO_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+template <typename Real>
+DAO_HD Real norm2(Real x, Real y, Real z) {
+    return add_rn(add_rn(mul_rn(x, x), mul_rn(y, y)), mul_rn(z, z));
+}
+
+// s0 * a + s1 * b + s2 * c for one cartesian component (a, b, c strided by 3).
+DAO_HD double lattice_point(int64_t s0, int64_t s1, int64_t s2, const double* R, int k) {
+    return add_rn(add_rn(mul_rn(double(s0), R[k]), mul_rn(double(s1), R[3 + k])),
+                  mul_rn(double(s2), R[6 + k]));
+}
+
 DAO_HD int64_t floor_div(int64_t a, int64_t b) {
     int64_t q = a / b;
     if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
@@ -212,13 +254,10 @@ DAO_HD void row_by_images(const Params<Real>& p, int64_t s, Row<Real, kFill>& ro
                 for (int64_t sa = a_lo; sa <= a_hi; ++sa) {
                     if (i == j && sa == 0 && sb == 0 && sc == 0 && !p.self_interaction) continue;
                     // Exact test in the original frame, in the input dtype.
-                    const double sh0 = double(sa) * R[0] + double(sb) * R[3] + double(sc) * R[6];
-                    const double sh1 = double(sa) * R[1] + double(sb) * R[4] + double(sc) * R[7];
-                    const double sh2 = double(sa) * R[2] + double(sb) * R[5] + double(sc) * R[8];
-                    const Real d0 = dx0 + Real(sh0);
-                    const Real d1 = dx1 + Real(sh1);
-                    const Real d2 = dx2 + Real(sh2);
-                    const Real dd = d0 * d0 + d1 * d1 + d2 * d2;
+                    const Real d0 = dx0 + Real(lattice_point(sa, sb, sc, R, 0));
+                    const Real d1 = dx1 + Real(lattice_point(sa, sb, sc, R, 1));
+                    const Real d2 = dx2 + Real(lattice_point(sa, sb, sc, R, 2));
+                    const Real dd = norm2(d0, d1, d2);
                     if (dd < p.cut2) row.emit(j, sa, sb, sc, d0, d1, d2, dd);
                 }
             }
@@ -238,7 +277,15 @@ DAO_HD void row_by_cells(const Params<Real>& p, int64_t s, Row<Real, kFill>& row
     const int64_t b = p.bin[i];
     const int64_t b0 = b / (n1 * n2), b1 = (b / n2) % n1, b2 = b % n2;
     const Real xi0 = p.xw[3 * i], xi1 = p.xw[3 * i + 1], xi2 = p.xw[3 * i + 2];
-    for (int64_t o0 = -r0; o0 <= r0; ++o0) {
+    // Along open axes only bins of the grid exist: clamp the reach to them
+    // (atoms in a plane give a degenerate, very thin bin and a huge reach).
+    const int64_t o0_lo = per[0] ? -r0 : (r0 < b0 ? -r0 : -b0);
+    const int64_t o0_hi = per[0] ? r0 : (r0 < n0 - 1 - b0 ? r0 : n0 - 1 - b0);
+    const int64_t o1_lo = per[1] ? -r1 : (r1 < b1 ? -r1 : -b1);
+    const int64_t o1_hi = per[1] ? r1 : (r1 < n1 - 1 - b1 ? r1 : n1 - 1 - b1);
+    const int64_t o2_lo = per[2] ? -r2 : (r2 < b2 ? -r2 : -b2);
+    const int64_t o2_hi = per[2] ? r2 : (r2 < n2 - 1 - b2 ? r2 : n2 - 1 - b2);
+    for (int64_t o0 = o0_lo; o0 <= o0_hi; ++o0) {
         int64_t t0 = b0 + o0, s0 = 0;
         if (per[0]) {
             s0 = floor_div(t0, n0);
@@ -246,7 +293,7 @@ DAO_HD void row_by_cells(const Params<Real>& p, int64_t s, Row<Real, kFill>& row
         } else if (t0 < 0 || t0 >= n0) {
             continue;
         }
-        for (int64_t o1 = -r1; o1 <= r1; ++o1) {
+        for (int64_t o1 = o1_lo; o1 <= o1_hi; ++o1) {
             int64_t t1 = b1 + o1, s1 = 0;
             if (per[1]) {
                 s1 = floor_div(t1, n1);
@@ -254,7 +301,7 @@ DAO_HD void row_by_cells(const Params<Real>& p, int64_t s, Row<Real, kFill>& row
             } else if (t1 < 0 || t1 >= n1) {
                 continue;
             }
-            for (int64_t o2 = -r2; o2 <= r2; ++o2) {
+            for (int64_t o2 = o2_lo; o2 <= o2_hi; ++o2) {
                 int64_t t2 = b2 + o2, s2 = 0;
                 if (per[2]) {
                     s2 = floor_div(t2, n2);
@@ -263,19 +310,16 @@ DAO_HD void row_by_cells(const Params<Real>& p, int64_t s, Row<Real, kFill>& row
                     continue;
                 }
                 const int64_t nb = first_bin + (t0 * n1 + t1) * n2 + t2;
-                const double sh0 = double(s0) * R[0] + double(s1) * R[3] + double(s2) * R[6];
-                const double sh1 = double(s0) * R[1] + double(s1) * R[4] + double(s2) * R[7];
-                const double sh2 = double(s0) * R[2] + double(s1) * R[5] + double(s2) * R[8];
-                const Real base0 = Real(sh0) - xi0;
-                const Real base1 = Real(sh1) - xi1;
-                const Real base2 = Real(sh2) - xi2;
+                const Real base0 = Real(lattice_point(s0, s1, s2, R, 0)) - xi0;
+                const Real base1 = Real(lattice_point(s0, s1, s2, R, 1)) - xi1;
+                const Real base2 = Real(lattice_point(s0, s1, s2, R, 2)) - xi2;
                 const bool zero_shift = s0 == 0 && s1 == 0 && s2 == 0;
                 const int64_t q_end = p.bin_start[nb + 1];
                 for (int64_t q = p.bin_start[nb]; q < q_end; ++q) {
                     const Real d0 = p.xw[3 * q] + base0;
                     const Real d1 = p.xw[3 * q + 1] + base1;
                     const Real d2 = p.xw[3 * q + 2] + base2;
-                    const Real dd = d0 * d0 + d1 * d1 + d2 * d2;
+                    const Real dd = norm2(d0, d1, d2);
                     if (dd < p.cut2) {
                         if (q == i && zero_shift && !p.self_interaction) continue;
                         row.emit(q, s0, s1, s2, d0, d1, d2, dd);

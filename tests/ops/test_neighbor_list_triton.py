@@ -224,6 +224,18 @@ def test_several_tiles_per_system(_triton_mode, dtype):
     _check_against(got, pos, cell, num, (True, True, False), 4.0)
 
 
+def test_flat_slab(_triton_mode):
+    # All atoms in one plane with that axis open: a degenerate extent along it.
+    gen = torch.Generator().manual_seed(0)
+    frac = torch.rand(70, 3, generator=gen, dtype=torch.float64)
+    frac[:, 2] = 0.5
+    cell = torch.tensor([[[14.0, 0.0, 0.0], [3.0, 14.0, 0.0], [0.0, 2.0, 10.0]]])
+    cell = cell.to(torch.float64)
+    pos, num = frac @ cell[0], torch.tensor([70])
+    got = _forward(_triton_mode, pos, cell, num, (True, True, False), 4.0)
+    assert _check_against(got, pos, cell, num, (True, True, False), 4.0) > 0
+
+
 def test_shift_overflow_raises(_triton_mode):
     cell = 2.0 * torch.eye(3, dtype=torch.float64).unsqueeze(0)
     pos = torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 2.0 * 40000.5]], dtype=torch.float64)

@@ -120,6 +120,9 @@ def _prepare(positions, cell, ptr, pbc, cutoff):
         torch.ceil(cutoff / (fwidth * heights) * (1.0 + _PAD)),
         torch.zeros_like(nbin),
     )
+    # Open axes: nothing lies beyond the grid. Atoms in one plane give a
+    # near-zero bin width there and would otherwise give an enormous reach.
+    reach = torch.where(pbc, reach, torch.minimum(reach, nbin - 1.0))
     nbin_i = nbin.to(torch.int64)
     q = torch.floor((frac - fmin[system]) / fwidth[system])
     q = torch.minimum(torch.clamp(q, min=0.0), nbin[system] - 1.0).to(torch.int64)
