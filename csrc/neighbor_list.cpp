@@ -49,10 +49,8 @@ inline double norm(Vec3 a) { return std::sqrt(dot(a, a)); }
 // Per-system precomputation shared by both strategies.
 struct System {
     int64_t begin = 0, end = 0;
-    Vec3 a{}, b{}, c{};          // cell rows
+    Vec3 a{}, b{}, c{};  // cell rows
     bool periodic[3] = {false, false, false};
-    // Triangular frame: x = u*ax + v*bx + w*cx, y = v*by + w*cy, z = w*cz.
-    double ax = 0, bx = 0, cx = 0, by = 0, cy = 0, cz = 0;
     double height[3] = {0, 0, 0};  // distance between lattice planes
     bool use_cells = false;
     // Cell list (only when use_cells).
@@ -61,15 +59,15 @@ struct System {
     double fmin[3] = {0, 0, 0};    // fractional origin of the bin grid
     double fwidth[3] = {1, 1, 1};  // fractional width of one bin
     std::vector<int64_t> bin_start;  // [nbins + 1]
-    std::vector<int64_t> bin_atoms;  // local atom indices sorted by bin
-    std::vector<int64_t> atom_bin;   // [n] bin of each local atom
-    std::vector<Vec3> sorted_xw;     // wrapped positions in bin order
+    std::vector<int32_t> bin_atoms;  // global atom indices sorted by bin
+    std::vector<double> bx, by, bz;  // wrapped positions in bin order
+    int64_t n_bins() const { return nbin[0] * nbin[1] * nbin[2]; }
 };
 
 struct AtomData {
-    std::vector<Vec3> frac;     // wrapped fractional coordinates [N]
-    std::vector<Vec3> xw;       // wrapped cartesian positions [N]
-    std::vector<int32_t> off;   // [N, 3] floor of the original fractional coords
+    std::vector<Vec3> frac;    // wrapped fractional coordinates [N]
+    std::vector<Vec3> xw;      // wrapped cartesian positions [N]
+    std::vector<int32_t> off;  // [N, 3] floor of the original fractional coords
 };
 
 template <typename T>
@@ -77,6 +75,13 @@ struct Chunk {
     std::vector<int32_t> i, j;
     std::vector<int16_t> s;
     std::vector<T> d, v;
+    void reserve(size_t n, const Options& opt) {
+        i.reserve(n);
+        j.reserve(n);
+        s.reserve(3 * n);
+        if (opt.want_distances) d.reserve(n);
+        if (opt.want_vectors) v.reserve(3 * n);
+    }
 };
 
 template <typename T>
@@ -92,41 +97,7 @@ class ResultImpl final : public Result {
     }
 
     void copy_to(int32_t* i, int32_t* j, int16_t* shifts, void* distances, void* vectors,
-                 int num_threads) const override {
-        if ((distances && !want_d) || (vectors && !want_v)) {
-            throw std::invalid_argument("copy_to: distances/vectors were not computed");
-        }
-        std::vector<int64_t> offset(chunks.size() + 1, 0);
-        for (size_t k = 0; k < chunks.size(); ++k) {
-            offset[k + 1] = offset[k] + static_cast<int64_t>(chunks[k].i.size());
-        }
-        T* dist = static_cast<T*>(distances);
-        T* vec = static_cast<T*>(vectors);
-        auto work = [&](size_t k) {
-            const auto& c = chunks[k];
-            const size_t n = c.i.size();
-            if (n == 0) return;
-            const int64_t o = offset[k];
-            std::memcpy(i + o, c.i.data(), n * sizeof(int32_t));
-            std::memcpy(j + o, c.j.data(), n * sizeof(int32_t));
-            std::memcpy(shifts + 3 * o, c.s.data(), 3 * n * sizeof(int16_t));
-            if (dist) std::memcpy(dist + o, c.d.data(), n * sizeof(T));
-            if (vec) std::memcpy(vec + 3 * o, c.v.data(), 3 * n * sizeof(T));
-        };
-        const int nt = std::max(1, std::min<int>(num_threads, static_cast<int>(chunks.size())));
-        if (nt == 1) {
-            for (size_t k = 0; k < chunks.size(); ++k) work(k);
-            return;
-        }
-        std::atomic<size_t> next{0};
-        std::vector<std::thread> pool;
-        for (int t = 0; t < nt; ++t) {
-            pool.emplace_back([&] {
-                for (size_t k = next++; k < chunks.size(); k = next++) work(k);
-            });
-        }
-        for (auto& th : pool) th.join();
-    }
+                 int num_threads) const override;
 };
 
 // Runs fn(k) for k in [0, n) on up to num_threads threads; the first exception
@@ -155,6 +126,31 @@ void parallel_for(int64_t n, int num_threads, Fn&& fn) {
     }
     for (auto& th : pool) th.join();
     if (err) std::rethrow_exception(err);
+}
+
+template <typename T>
+void ResultImpl<T>::copy_to(int32_t* i, int32_t* j, int16_t* shifts, void* distances,
+                            void* vectors, int num_threads) const {
+    if ((distances && !want_d) || (vectors && !want_v)) {
+        throw std::invalid_argument("copy_to: distances/vectors were not computed");
+    }
+    std::vector<int64_t> offset(chunks.size() + 1, 0);
+    for (size_t k = 0; k < chunks.size(); ++k) {
+        offset[k + 1] = offset[k] + static_cast<int64_t>(chunks[k].i.size());
+    }
+    T* dist = static_cast<T*>(distances);
+    T* vec = static_cast<T*>(vectors);
+    parallel_for(static_cast<int64_t>(chunks.size()), num_threads, [&](int64_t k) {
+        const auto& c = chunks[k];
+        const size_t n = c.i.size();
+        if (n == 0) return;
+        const int64_t o = offset[k];
+        std::memcpy(i + o, c.i.data(), n * sizeof(int32_t));
+        std::memcpy(j + o, c.j.data(), n * sizeof(int32_t));
+        std::memcpy(shifts + 3 * o, c.s.data(), 3 * n * sizeof(int16_t));
+        if (dist) std::memcpy(dist + o, c.d.data(), n * sizeof(T));
+        if (vec) std::memcpy(vec + 3 * o, c.v.data(), 3 * n * sizeof(T));
+    });
 }
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
@@ -186,17 +182,6 @@ void prepare_system(const T* pos, const T* cell, const uint8_t* pbc, int64_t s, 
     sys.height[0] = std::abs(det) / norm(bxc);
     sys.height[1] = std::abs(det) / norm(cxa);
     sys.height[2] = std::abs(det) / norm(axb);
-    // Triangular frame.
-    const double la = norm(sys.a);
-    const Vec3 e1 = (1.0 / la) * sys.a;
-    const Vec3 n = (1.0 / norm(axb)) * axb;
-    const Vec3 e2 = cross(n, e1);
-    sys.ax = la;
-    sys.bx = dot(sys.b, e1);
-    sys.by = dot(sys.b, e2);
-    sys.cx = dot(sys.c, e1);
-    sys.cy = dot(sys.c, e2);
-    sys.cz = dot(sys.c, n);
 
     // Inverse cell (columns = reciprocal vectors / det): f = x . L^-1.
     const Vec3 r0 = (1.0 / det) * bxc, r1 = (1.0 / det) * cxa, r2 = (1.0 / det) * axb;
@@ -243,7 +228,8 @@ void prepare_system(const T* pos, const T* cell, const uint8_t* pbc, int64_t s, 
         } else {
             double lo = std::numeric_limits<double>::infinity(), hi = -lo;
             for (int64_t i = sys.begin; i < sys.end; ++i) {
-                const double f = k == 0 ? atoms.frac[i].x : (k == 1 ? atoms.frac[i].y : atoms.frac[i].z);
+                const Vec3& fr = atoms.frac[i];
+                const double f = k == 0 ? fr.x : (k == 1 ? fr.y : fr.z);
                 lo = std::min(lo, f);
                 hi = std::max(hi, f);
             }
@@ -263,7 +249,7 @@ void prepare_system(const T* pos, const T* cell, const uint8_t* pbc, int64_t s, 
         }
         total = double(nbin[0]) * double(nbin[1]) * double(nbin[2]);
     }
-    // Too few bins to gain anything: the pairwise image enumeration is faster.
+    // Too few bins to gain anything: the image list of the whole cell is faster.
     if (total < 27.0) return;
     sys.use_cells = true;
     for (int k = 0; k < 3; ++k) {
@@ -273,8 +259,8 @@ void prepare_system(const T* pos, const T* cell, const uint8_t* pbc, int64_t s, 
         const double bin_height = sys.fwidth[k] * sys.height[k];
         sys.reach[k] = static_cast<int64_t>(std::ceil(cutoff / bin_height * (1.0 + kPad)));
     }
-    const int64_t nb = nbin[0] * nbin[1] * nbin[2];
-    sys.atom_bin.resize(n_local);
+    const int64_t nb = sys.n_bins();
+    std::vector<int64_t> atom_bin(n_local);
     std::vector<int64_t> count(nb + 1, 0);
     for (int64_t li = 0; li < n_local; ++li) {
         const Vec3& f = atoms.frac[sys.begin + li];
@@ -285,105 +271,173 @@ void prepare_system(const T* pos, const T* cell, const uint8_t* pbc, int64_t s, 
             idx[k] = std::min<int64_t>(std::max<int64_t>(q, 0), nbin[k] - 1);
         }
         const int64_t bin = (idx[0] * nbin[1] + idx[1]) * nbin[2] + idx[2];
-        sys.atom_bin[li] = bin;
+        atom_bin[li] = bin;
         ++count[bin + 1];
     }
     for (int64_t b = 0; b < nb; ++b) count[b + 1] += count[b];
     sys.bin_start = count;
     sys.bin_atoms.resize(n_local);
-    sys.sorted_xw.resize(n_local);
+    sys.bx.resize(n_local);
+    sys.by.resize(n_local);
+    sys.bz.resize(n_local);
     std::vector<int64_t> fill(count.begin(), count.end() - 1);
     for (int64_t li = 0; li < n_local; ++li) {
-        const int64_t p = fill[sys.atom_bin[li]]++;
-        sys.bin_atoms[p] = li;
-        sys.sorted_xw[p] = atoms.xw[sys.begin + li];
+        const int64_t p = fill[atom_bin[li]]++;
+        const Vec3& x = atoms.xw[sys.begin + li];
+        sys.bin_atoms[p] = static_cast<int32_t>(sys.begin + li);
+        sys.bx[p] = x.x;
+        sys.by[p] = x.y;
+        sys.bz[p] = x.z;
     }
 }
 
+// Candidate neighbours of a group of centre atoms: image positions with the
+// atom index and the (wrapped-frame) image shift, structure of arrays so the
+// distance loop vectorises.
+struct Candidates {
+    std::vector<double> x, y, z, d2;
+    std::vector<int32_t> j;
+    std::vector<int32_t> s;  // [M, 3]
+    void clear() {
+        x.clear();
+        y.clear();
+        z.clear();
+        j.clear();
+        s.clear();
+    }
+    void push(double px, double py, double pz, int32_t atom, int32_t s0, int32_t s1, int32_t s2) {
+        x.push_back(px);
+        y.push_back(py);
+        z.push_back(pz);
+        j.push_back(atom);
+        s.push_back(s0);
+        s.push_back(s1);
+        s.push_back(s2);
+    }
+    size_t size() const { return x.size(); }
+};
+
+// Half-list search, full-list output: each unordered pair is tested once and
+// written in both directions, (i, j, S) and (j, i, -S).
 template <typename T>
 struct Emitter {
     Chunk<T>& out;
     const AtomData& atoms;
     const Options& opt;
 
-    inline void emit(int64_t i, int64_t j, int32_t sa, int32_t sb, int32_t sc, double d2,
-                     const Vec3& v) {
-        const int32_t s0 = sa - atoms.off[3 * j] + atoms.off[3 * i];
-        const int32_t s1 = sb - atoms.off[3 * j + 1] + atoms.off[3 * i + 1];
-        const int32_t s2 = sc - atoms.off[3 * j + 2] + atoms.off[3 * i + 2];
-        if (std::abs(s0) > kMaxShift || std::abs(s1) > kMaxShift || std::abs(s2) > kMaxShift) {
-            fail("an image shift does not fit in int16; wrap positions into the cell first");
-        }
-        out.i.push_back(static_cast<int32_t>(i));
-        out.j.push_back(static_cast<int32_t>(j));
+    inline void push(int32_t i, int32_t j, int32_t s0, int32_t s1, int32_t s2, T d, T vx, T vy,
+                     T vz) {
+        out.i.push_back(i);
+        out.j.push_back(j);
         out.s.push_back(static_cast<int16_t>(s0));
         out.s.push_back(static_cast<int16_t>(s1));
         out.s.push_back(static_cast<int16_t>(s2));
-        if (opt.want_distances) out.d.push_back(static_cast<T>(std::sqrt(d2)));
+        if (opt.want_distances) out.d.push_back(d);
         if (opt.want_vectors) {
-            out.v.push_back(static_cast<T>(v.x));
-            out.v.push_back(static_cast<T>(v.y));
-            out.v.push_back(static_cast<T>(v.z));
+            out.v.push_back(vx);
+            out.v.push_back(vy);
+            out.v.push_back(vz);
         }
     }
+
+    // (i, j) with wrapped-frame shift S; reported shifts refer to the
+    // positions as given: S - off_j + off_i.
+    inline void pair(int32_t i, int32_t j, const int32_t* S, double d2, double dx, double dy,
+                     double dz) {
+        const int32_t s0 = S[0] - atoms.off[3 * j] + atoms.off[3 * i];
+        const int32_t s1 = S[1] - atoms.off[3 * j + 1] + atoms.off[3 * i + 1];
+        const int32_t s2 = S[2] - atoms.off[3 * j + 2] + atoms.off[3 * i + 2];
+        if (std::abs(s0) > kMaxShift || std::abs(s1) > kMaxShift || std::abs(s2) > kMaxShift) {
+            fail("an image shift does not fit in int16; wrap positions into the cell first");
+        }
+        const T d = static_cast<T>(std::sqrt(d2));
+        push(i, j, s0, s1, s2, d, T(dx), T(dy), T(dz));
+        push(j, i, -s0, -s1, -s2, d, T(-dx), T(-dy), T(-dz));
+    }
+
+    inline void self_pair(int32_t i) { push(i, i, 0, 0, 0, T(0), T(0), T(0), T(0)); }
 };
 
-// Integer range of s with |(df + s) * h + base| < r, padded by kPad.
-inline void image_range(double df, double base, double h, double r, bool periodic, int64_t& lo,
-                        int64_t& hi) {
-    if (!periodic) {
-        lo = 0;
-        hi = 0;
-        return;
-    }
-    const double ah = std::abs(h);
-    const double center = -base / h - df;  // value of s that zeroes the component
-    const double half = r / ah + kPad;
-    lo = static_cast<int64_t>(std::ceil(center - half));
-    hi = static_cast<int64_t>(std::floor(center + half));
+inline bool lex_positive(const int32_t* S) {
+    return S[0] > 0 || (S[0] == 0 && (S[1] > 0 || (S[1] == 0 && S[2] > 0)));
 }
 
+// Test centre atom i (wrapped position xi) against candidates [k0, M).
+// Candidates of atom i itself are kept only for lexicographically positive
+// shifts (the negative ones are the reverse pairs); S = 0 is the self pair.
 template <typename T>
-void pairs_by_images(const System& sys, int64_t i, const AtomData& atoms, double cutoff,
-                     Emitter<T>& em) {
-    const double rc2 = cutoff * cutoff;
-    const Vec3 fi = atoms.frac[i];
-    const Vec3 xi = atoms.xw[i];
-    for (int64_t j = sys.begin; j < sys.end; ++j) {
-        const Vec3 df = atoms.frac[j] - fi;
-        const Vec3 dx = atoms.xw[j] - xi;
-        int64_t c_lo, c_hi;
-        image_range(df.z, 0.0, sys.cz, cutoff, sys.periodic[2], c_lo, c_hi);
-        for (int64_t sc = c_lo; sc <= c_hi; ++sc) {
-            const double w = df.z + double(sc);
-            const double z = w * sys.cz;
-            const double ry2 = rc2 - z * z;
-            if (ry2 < -kPad * rc2) continue;
-            const double ry = std::sqrt(std::max(ry2, 0.0)) * (1.0 + kPad);
-            int64_t b_lo, b_hi;
-            image_range(df.y, w * sys.cy, sys.by, ry, sys.periodic[1], b_lo, b_hi);
-            for (int64_t sb = b_lo; sb <= b_hi; ++sb) {
-                const double v = df.y + double(sb);
-                const double y = v * sys.by + w * sys.cy;
-                const double rx2 = ry2 - y * y;
-                if (rx2 < -kPad * rc2) continue;
-                const double rx = std::sqrt(std::max(rx2, 0.0)) * (1.0 + kPad);
-                int64_t a_lo, a_hi;
-                image_range(df.x, v * sys.bx + w * sys.cx, sys.ax, rx, sys.periodic[0], a_lo,
-                            a_hi);
-                for (int64_t sa = a_lo; sa <= a_hi; ++sa) {
-                    if (i == j && sa == 0 && sb == 0 && sc == 0 && !em.opt.self_interaction) {
-                        continue;
-                    }
-                    // Exact test in the original frame.
-                    const Vec3 d = dx + (double(sa) * sys.a + double(sb) * sys.b + double(sc) * sys.c);
-                    const double d2 = dot(d, d);
-                    if (d2 < rc2) {
-                        em.emit(i, j, int32_t(sa), int32_t(sb), int32_t(sc), d2, d);
-                    }
+inline void scan(int32_t i, const Vec3& xi, Candidates& c, size_t k0, double rc2,
+                 Emitter<T>& em) {
+    const size_t m = c.size();
+    const double* X = c.x.data();
+    const double* Y = c.y.data();
+    const double* Z = c.z.data();
+    double* D2 = c.d2.data();
+    for (size_t k = k0; k < m; ++k) {
+        const double dx = X[k] - xi.x, dy = Y[k] - xi.y, dz = Z[k] - xi.z;
+        D2[k] = dx * dx + dy * dy + dz * dz;
+    }
+    for (size_t k = k0; k < m; ++k) {
+        if (!(D2[k] < rc2)) continue;
+        const int32_t j = c.j[k];
+        const int32_t* S = c.s.data() + 3 * k;
+        if (j == i) {
+            if (S[0] == 0 && S[1] == 0 && S[2] == 0) {
+                if (em.opt.self_interaction) em.self_pair(i);
+                continue;
+            }
+            if (!lex_positive(S)) continue;
+        }
+        em.pair(i, j, S, D2[k], X[k] - xi.x, Y[k] - xi.y, Z[k] - xi.z);
+    }
+}
+
+// Small cells: every image of every atom that can lie within the cutoff of
+// the cell (fractional coordinates within cutoff/height of [0, 1) along each
+// periodic axis), listed by atom; atom i scans the images of atoms j >= i.
+template <typename T>
+void search_images(const System& sys, const AtomData& atoms, double cutoff, Candidates& c,
+                   std::vector<size_t>& start, Emitter<T>& em) {
+    const int64_t n = sys.end - sys.begin;
+    if (n == 0) return;
+    double margin[3];
+    for (int k = 0; k < 3; ++k) {
+        margin[k] = sys.periodic[k] ? cutoff / sys.height[k] * (1.0 + kPad) + kPad : 0.0;
+    }
+    c.clear();
+    start.assign(static_cast<size_t>(n + 1), 0);
+    for (int64_t lj = 0; lj < n; ++lj) {
+        const int64_t j = sys.begin + lj;
+        start[lj] = c.size();
+        const Vec3 f = atoms.frac[j];
+        const double fk[3] = {f.x, f.y, f.z};
+        int64_t lo[3], hi[3];
+        for (int k = 0; k < 3; ++k) {
+            if (sys.periodic[k]) {
+                lo[k] = static_cast<int64_t>(std::ceil(-margin[k] - fk[k]));
+                hi[k] = static_cast<int64_t>(std::floor(1.0 + margin[k] - fk[k]));
+            } else {
+                lo[k] = hi[k] = 0;
+            }
+        }
+        const Vec3 xj = atoms.xw[j];
+        for (int64_t sa = lo[0]; sa <= hi[0]; ++sa) {
+            const Vec3 pa = xj + double(sa) * sys.a;
+            for (int64_t sb = lo[1]; sb <= hi[1]; ++sb) {
+                const Vec3 pb = pa + double(sb) * sys.b;
+                for (int64_t sc = lo[2]; sc <= hi[2]; ++sc) {
+                    const Vec3 p = pb + double(sc) * sys.c;
+                    c.push(p.x, p.y, p.z, int32_t(j), int32_t(sa), int32_t(sb), int32_t(sc));
                 }
             }
         }
+    }
+    start[n] = c.size();
+    c.d2.resize(c.size());
+    const double rc2 = cutoff * cutoff;
+    for (int64_t li = 0; li < n; ++li) {
+        const int32_t i = int32_t(sys.begin + li);
+        scan<T>(i, atoms.xw[i], c, start[li], rc2, em);
     }
 }
 
@@ -393,25 +447,39 @@ inline int64_t floor_div(int64_t a, int64_t b) {
     return q;
 }
 
+// Large cells, one bin A: its own atoms pairwise (q > p, shift 0), then every
+// neighbour bin at a lexicographically positive offset (the negative offsets
+// hold the reverse pairs). Bins are contiguous in the sorted arrays, so the
+// inner loop runs over plain arrays without gathering.
 template <typename T>
-void pairs_by_cells(const System& sys, int64_t i, const AtomData& atoms, double cutoff,
-                    Emitter<T>& em) {
+void search_bin(const System& sys, int64_t bin, double cutoff, Emitter<T>& em) {
+    const int64_t a_begin = sys.bin_start[bin], a_end = sys.bin_start[bin + 1];
+    if (a_begin == a_end) return;
     const double rc2 = cutoff * cutoff;
-    const int64_t li = i - sys.begin;
-    const int64_t bin = sys.atom_bin[li];
+    const double* X = sys.bx.data();
+    const double* Y = sys.by.data();
+    const double* Z = sys.bz.data();
+    const int32_t zero[3] = {0, 0, 0};
+    for (int64_t p = a_begin; p < a_end; ++p) {
+        const int32_t i = sys.bin_atoms[p];
+        if (em.opt.self_interaction) em.self_pair(i);
+        for (int64_t q = p + 1; q < a_end; ++q) {
+            const double dx = X[q] - X[p], dy = Y[q] - Y[p], dz = Z[q] - Z[p];
+            const double d2 = dx * dx + dy * dy + dz * dz;
+            if (d2 < rc2) em.pair(i, sys.bin_atoms[q], zero, d2, dx, dy, dz);
+        }
+    }
     const int64_t n1 = sys.nbin[1], n2 = sys.nbin[2];
     const int64_t bidx[3] = {bin / (n1 * n2), (bin / n2) % n1, bin % n2};
-    const Vec3 xi = atoms.xw[i];
-    const Vec3* xs = sys.sorted_xw.data();
-    for (int64_t o0 = -sys.reach[0]; o0 <= sys.reach[0]; ++o0) {
+    for (int64_t o0 = 0; o0 <= sys.reach[0]; ++o0) {
         int64_t t0 = bidx[0] + o0, s0 = 0;
         if (sys.periodic[0]) {
             s0 = floor_div(t0, sys.nbin[0]);
             t0 -= s0 * sys.nbin[0];
-        } else if (t0 < 0 || t0 >= sys.nbin[0]) {
+        } else if (t0 >= sys.nbin[0]) {
             continue;
         }
-        for (int64_t o1 = -sys.reach[1]; o1 <= sys.reach[1]; ++o1) {
+        for (int64_t o1 = (o0 == 0 ? 0 : -sys.reach[1]); o1 <= sys.reach[1]; ++o1) {
             int64_t t1 = bidx[1] + o1, s1 = 0;
             if (sys.periodic[1]) {
                 s1 = floor_div(t1, n1);
@@ -419,7 +487,8 @@ void pairs_by_cells(const System& sys, int64_t i, const AtomData& atoms, double 
             } else if (t1 < 0 || t1 >= n1) {
                 continue;
             }
-            for (int64_t o2 = -sys.reach[2]; o2 <= sys.reach[2]; ++o2) {
+            const int64_t o2_lo = (o0 == 0 && o1 == 0) ? 1 : -sys.reach[2];
+            for (int64_t o2 = o2_lo; o2 <= sys.reach[2]; ++o2) {
                 int64_t t2 = bidx[2] + o2, s2 = 0;
                 if (sys.periodic[2]) {
                     s2 = floor_div(t2, n2);
@@ -428,24 +497,46 @@ void pairs_by_cells(const System& sys, int64_t i, const AtomData& atoms, double 
                     continue;
                 }
                 const int64_t nb = (t0 * n1 + t1) * n2 + t2;
+                const int64_t b_begin = sys.bin_start[nb], b_end = sys.bin_start[nb + 1];
+                if (b_begin == b_end) continue;
                 const Vec3 shift = double(s0) * sys.a + double(s1) * sys.b + double(s2) * sys.c;
-                const Vec3 base = shift - xi;
-                const bool zero_shift = s0 == 0 && s1 == 0 && s2 == 0;
-                const int64_t p_end = sys.bin_start[nb + 1];
-                for (int64_t p = sys.bin_start[nb]; p < p_end; ++p) {
-                    const double dx = xs[p].x + base.x;
-                    const double dy = xs[p].y + base.y;
-                    const double dz = xs[p].z + base.z;
-                    const double d2 = dx * dx + dy * dy + dz * dz;
-                    if (d2 < rc2) {
-                        const int64_t j = sys.begin + sys.bin_atoms[p];
-                        if (j == i && zero_shift && !em.opt.self_interaction) continue;
-                        em.emit(i, j, int32_t(s0), int32_t(s1), int32_t(s2), d2, {dx, dy, dz});
+                const int32_t S[3] = {int32_t(s0), int32_t(s1), int32_t(s2)};
+                for (int64_t p = a_begin; p < a_end; ++p) {
+                    // Candidate minus centre = (X[q] + shift) - X[p].
+                    const double ox = shift.x - X[p], oy = shift.y - Y[p], oz = shift.z - Z[p];
+                    const int32_t i = sys.bin_atoms[p];
+                    for (int64_t q = b_begin; q < b_end; ++q) {
+                        const double dx = X[q] + ox, dy = Y[q] + oy, dz = Z[q] + oz;
+                        const double d2 = dx * dx + dy * dy + dz * dz;
+                        if (d2 < rc2) em.pair(i, sys.bin_atoms[q], S, d2, dx, dy, dz);
                     }
                 }
             }
         }
     }
+}
+
+// A unit of parallel work: a run of whole small systems, or a run of bins of
+// one cell-list system.
+struct Work {
+    int64_t sys_begin, sys_end;  // systems [sys_begin, sys_end)
+    int64_t bin_begin, bin_end;  // bins of system sys_begin, when it uses cells
+};
+
+// Pairs expected in a work item from the mean density (a little over, so the
+// buffers rarely grow: growing copies and faults in fresh pages).
+double expected_pairs(const std::vector<System>& systems, const Work& w, double cutoff) {
+    const double sphere = 4.18879020478639 * cutoff * cutoff * cutoff;
+    double total = 0.0;
+    for (int64_t s = w.sys_begin; s < w.sys_end; ++s) {
+        const System& sys = systems[s];
+        const double n = double(sys.end - sys.begin);
+        const double vol = sys.height[0] * norm(cross(sys.b, sys.c));
+        double centres = n;
+        if (sys.use_cells) centres = double(sys.bin_start[w.bin_end] - sys.bin_start[w.bin_begin]);
+        total += centres * n * sphere / vol;
+    }
+    return std::min(1.1 * total + 64.0, 4.0e6);
 }
 
 template <typename T>
@@ -471,34 +562,51 @@ std::unique_ptr<Result> compute_typed(const Input& in, const Options& opt) {
                           atoms);
     });
 
-    // Chunks of consecutive atoms; several per thread for load balance.
+    // Work items of roughly `grain` atoms, several per thread for balance.
     const int64_t nt = std::max(1, opt.num_threads);
-    const int64_t chunk_atoms = std::max<int64_t>(16, in.n_atoms / (8 * nt) + 1);
-    const int64_t n_chunks = (in.n_atoms + chunk_atoms - 1) / chunk_atoms;
-    result->chunks.resize(static_cast<size_t>(n_chunks));
-    // System of the first atom of every chunk.
-    std::vector<int64_t> chunk_system(static_cast<size_t>(n_chunks));
-    {
-        int64_t s = 0;
-        for (int64_t k = 0; k < n_chunks; ++k) {
-            const int64_t first = k * chunk_atoms;
-            while (in.ptr[s + 1] <= first) ++s;
-            chunk_system[k] = s;
+    const int64_t grain = std::max<int64_t>(64, in.n_atoms / (8 * nt) + 1);
+    std::vector<Work> work;
+    for (int64_t s = 0; s < in.n_systems;) {
+        const System& sys = systems[s];
+        if (sys.use_cells) {
+            const int64_t nb = sys.n_bins();
+            int64_t b0 = 0;
+            while (b0 < nb) {
+                int64_t b1 = b0, atoms_in = 0;
+                while (b1 < nb && atoms_in < grain) {
+                    atoms_in += sys.bin_start[b1 + 1] - sys.bin_start[b1];
+                    ++b1;
+                }
+                work.push_back({s, s + 1, b0, b1});
+                b0 = b1;
+            }
+            ++s;
+        } else {
+            int64_t s1 = s, atoms_in = 0;
+            while (s1 < in.n_systems && !systems[s1].use_cells && atoms_in < grain) {
+                atoms_in += systems[s1].end - systems[s1].begin;
+                ++s1;
+            }
+            work.push_back({s, s1, 0, 0});
+            s = s1;
         }
     }
-    parallel_for(n_chunks, opt.num_threads, [&](int64_t k) {
+    result->chunks.resize(work.size());
+    parallel_for(static_cast<int64_t>(work.size()), opt.num_threads, [&](int64_t k) {
+        thread_local Candidates cand;
+        thread_local std::vector<size_t> start;
         Chunk<T>& out = result->chunks[k];
+        const Work& w = work[k];
+        out.reserve(static_cast<size_t>(expected_pairs(systems, w, opt.cutoff)), opt);
         Emitter<T> em{out, atoms, opt};
-        const int64_t first = k * chunk_atoms;
-        const int64_t last = std::min(in.n_atoms, first + chunk_atoms);
-        int64_t s = chunk_system[k];
-        for (int64_t i = first; i < last; ++i) {
-            while (in.ptr[s + 1] <= i) ++s;
-            const System& sys = systems[s];
-            if (sys.use_cells) {
-                pairs_by_cells<T>(sys, i, atoms, opt.cutoff, em);
-            } else {
-                pairs_by_images<T>(sys, i, atoms, opt.cutoff, em);
+        const System& first = systems[w.sys_begin];
+        if (first.use_cells) {
+            for (int64_t b = w.bin_begin; b < w.bin_end; ++b) {
+                search_bin<T>(first, b, opt.cutoff, em);
+            }
+        } else {
+            for (int64_t s = w.sys_begin; s < w.sys_end; ++s) {
+                search_images<T>(systems[s], atoms, opt.cutoff, cand, start, em);
             }
         }
     });

@@ -245,8 +245,9 @@ def neighbor_list(
         backend: one of ``BACKENDS`` (see module docstring).
 
     Returns:
-        NeighborList(i, j, shifts, distances, vectors); pairs are grouped by i
-        but their order is not part of the contract.
+        NeighborList(i, j, shifts, distances, vectors). The order of pairs is
+        deterministic for a given input and backend (the same for any thread
+        count) but not part of the contract: sort if you need one.
 
     Raises:
         ValueError: bad shapes/dtypes, NaN/inf, cutoff <= 0, singular cell,
