@@ -1,14 +1,24 @@
 """Triton backend of ``dao::neighbor_list`` against the reference twin and the C++ core.
 
-Without a GPU the kernels run in Triton's CPU interpreter. ``triton.jit`` picks
-interpreter or compiler when ``dao.kernels.neighbor_list`` is imported, and the
-op checks ``TRITON_INTERPRET`` again at every call (``dao.has_triton()``). So
-the module-scoped ``_triton_mode`` fixture sets ``TRITON_INTERPRET=1`` for the
-duration of this module only, imports the kernel module (reloading it if an
-earlier test imported it in compiled mode) and restores the environment
-afterwards; other test modules never see the variable. With a GPU (and no
-``TRITON_INTERPRET`` set by the caller) the same tests run compiled on CUDA
-tensors, and the ``gpu`` class adds larger comparisons with the CUDA backend.
+Without a GPU the kernels run in Triton's CPU interpreter, which needs
+``TRITON_INTERPRET=1`` *before triton is first imported*: ``triton.jit`` picks
+interpreter or compiler when a function is decorated, and that includes
+triton's own ``tl.sum``/``tl.max``/``tl.cumsum``, decorated when triton is
+imported. The first call of any torch custom op imports triton (through
+torch._dynamo), so in a full test session triton is usually imported long
+before this module runs. Hence two ways to run these tests:
+
+* in this process, when triton is not imported yet or was imported with the
+  interpreter on (e.g. ``pytest tests/ops/test_neighbor_list_triton.py``): the
+  module-scoped ``_triton_mode`` fixture sets ``TRITON_INTERPRET=1`` for this
+  module only, (re)imports ``dao.kernels.neighbor_list`` in interpreter mode and
+  restores the environment afterwards, so other modules never see the variable;
+* otherwise those tests skip and ``test_interpreter_in_fresh_process`` runs this
+  file in a child pytest with ``TRITON_INTERPRET=1`` set from the start.
+
+With a GPU (and no ``TRITON_INTERPRET`` set by the caller) the same tests run
+compiled on CUDA tensors, and the ``gpu`` class compares the compiled Triton and
+CUDA backends with the C++ core up to 10k atoms.
 """
 
 from __future__ import annotations
@@ -16,6 +26,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,8 +53,23 @@ BAND = 1e-5
 MAX_FLIPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
+def _interpreter_usable_here() -> bool:
+    """True if triton's own library functions can run in the interpreter in this process."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
+
+    return isinstance(standard.sum, InterpretedFunction)
+
+
+@pytest.fixture(scope="module")
 def _triton_mode():
+    if _INTERPRET and not _interpreter_usable_here():
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 was set; "
+            "test_interpreter_in_fresh_process runs these tests in a child process"
+        )
     old = os.environ.get("TRITON_INTERPRET")
     if _INTERPRET:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -55,6 +83,26 @@ def _triton_mode():
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = old
+
+
+def test_interpreter_in_fresh_process():
+    if not _INTERPRET or _interpreter_usable_here():
+        pytest.skip("the interpreter tests run in this process")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not gpu",
+    ]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
 
 
 def _ptr(num_atoms: torch.Tensor) -> torch.Tensor:
