@@ -55,7 +55,11 @@ __all__ = ["neighbor_list_forward"]
 
 _BLOCK_I = 32
 _BLOCK_J = 32
-_BLOCK_C = 64
+# Columns per block on a GPU: [32, 32] tiles with 8 warps keep the fill kernel
+# at ~164 registers without spills for float64 (sm_90, ptxas); [32, 64] spills.
+# Not tuned on hardware yet.
+_BLOCK_C = 32
+_NUM_WARPS = 8
 _INT16_MAX = 32767
 # Relative slack of the conservative shift/box pruning: candidates within it
 # are decided by the exact per-pair test, so rounding never drops a pair.
@@ -189,7 +193,11 @@ def _neighbor_list_pairs_kernel(
                     tl.store(out_s_ptr + 3 * pos + 1, t1, mask=ok)
                     tl.store(out_s_ptr + 3 * pos + 2, t2, mask=ok)
                     if WANT_D:
-                        tl.store(out_d_ptr + pos, tl.sqrt(dd), mask=ok)
+                        # tl.sqrt is approximate for float32; sqrt_rn is float32 only.
+                        if dd.dtype == tl.float32:
+                            tl.store(out_d_ptr + pos, tl.sqrt_rn(dd), mask=ok)
+                        else:
+                            tl.store(out_d_ptr + pos, tl.sqrt(dd), mask=ok)
                     if WANT_V:
                         tl.store(out_v_ptr + 3 * pos, d0, mask=ok)
                         tl.store(out_v_ptr + 3 * pos + 1, d1, mask=ok)
@@ -430,7 +438,7 @@ def neighbor_list_forward(
     shift_cart = shift_cart.to(dtype).contiguous()
 
     # The CPU interpreter's cost is per block operation: wide column blocks.
-    block_c, num_warps = (512, 4) if dev.type == "cpu" else (_BLOCK_C, 8)
+    block_c, num_warps = (512, 4) if dev.type == "cpu" else (_BLOCK_C, _NUM_WARPS)
 
     def launch(fill, count, row_off, out):
         i, j, s, d, v = out
