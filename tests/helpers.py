@@ -80,3 +80,83 @@ def random_batch(
         torch.tensor(np.stack(cells) if cells else np.zeros((0, 3, 3)), dtype=dtype),
         torch.tensor(nums, dtype=torch.int64),
     )
+
+
+# --- neighbour-list comparisons (appended; used by tests/ops/test_neighbor_list*.py) ---
+
+
+def ase_neighbor_pairs(positions, cell, pbc, cutoff: float, self_interaction: bool = False):
+    """ASE's full list of one system, in float64: canonical rows [P, 5] and distances [P].
+
+    Positions and cell are converted to float64 first, so a float32 system is
+    compared with ASE run on exactly the same numbers.
+    """
+    import ase  # noqa: PLC0415
+    import ase.neighborlist  # noqa: PLC0415
+
+    pos = np.asarray(torch.as_tensor(positions).detach().cpu().to(torch.float64))
+    lat = np.asarray(torch.as_tensor(cell).detach().cpu().to(torch.float64)).reshape(3, 3)
+    pbc = np.broadcast_to(np.asarray(torch.as_tensor(pbc).cpu(), dtype=bool), (3,))
+    atoms = ase.Atoms(positions=pos, cell=lat, pbc=pbc)
+    i, j, s, d = ase.neighborlist.neighbor_list(
+        "ijSd", atoms, float(cutoff), self_interaction=self_interaction
+    )
+    rows, order = canonical_pairs(i, j, s)
+    return rows, np.asarray(d, dtype=np.float64)[order]
+
+
+def sorted_pairs(nl):
+    """A NeighborList in canonical (i, j, shift) order: (rows [P, 5], distances, vectors);
+    distances/vectors are float64 numpy arrays, or None where the list has none."""
+    rows, order = canonical_pairs(nl.i, nl.j, nl.shifts)
+
+    def take(t):
+        return None if t is None else np.asarray(t.detach().cpu().to(torch.float64))[order]
+
+    return rows, take(nl.distances), take(nl.vectors)
+
+
+def pair_keys(rows: np.ndarray) -> list[tuple[int, ...]]:
+    """Rows (i, j, s0, s1, s2) as hashable tuples."""
+    return [tuple(int(x) for x in r) for r in np.asarray(rows).reshape(-1, 5)]
+
+
+def assert_pairs_match(
+    rows, dist, ref_rows, ref_dist, cutoff: float, dtype=torch.float64, band=0.0, max_flips=0
+):
+    """Compare a pair list with a float64 reference list (both canonical, see canonical_pairs).
+
+    With ``band == 0`` the integer rows must be identical and distances close
+    (tolerance row of ``dtype``). With ``band > 0`` pairs whose reference
+    distance lies within ``band * cutoff`` of the cutoff may be missing, and
+    pairs absent from the reference may appear only if their distance lies in
+    that band (give ``ref_rows``/``ref_dist`` for a list computed at
+    ``cutoff * (1 + band)`` so those are known); at most ``max_flips`` such
+    differences are allowed. Pairs away from the band must match exactly.
+    """
+    rows, ref_rows = np.asarray(rows).reshape(-1, 5), np.asarray(ref_rows).reshape(-1, 5)
+    ref_dist = np.asarray(ref_dist, dtype=np.float64)
+    if band == 0.0:
+        np.testing.assert_array_equal(rows, ref_rows)
+        if dist is not None:
+            assert_close(torch.as_tensor(dist), torch.as_tensor(ref_dist), dtype)
+        return
+    lo, hi = cutoff * (1.0 - band), cutoff * (1.0 + band)
+    assert ref_dist.size == 0 or ref_dist.max() < hi, "reference list reaches past the band"
+    ref_index = {k: n for n, k in enumerate(pair_keys(ref_rows))}
+    keys = pair_keys(rows)
+    unknown = [k for k in keys if k not in ref_index]
+    assert not unknown, f"pairs beyond cutoff * (1 + band): {unknown[:5]}"
+    found = np.array([ref_index[k] for k in keys], dtype=np.int64)
+    have = np.zeros(len(ref_rows), dtype=bool)
+    have[found] = True
+    expected = ref_dist < cutoff
+    flips = have != expected
+    outside_band = flips & ((ref_dist < lo) | (ref_dist >= hi))
+    assert not outside_band.any(), (
+        f"{int(outside_band.sum())} pairs differ away from the cutoff band, e.g. "
+        f"{ref_rows[outside_band][:3].tolist()} at {ref_dist[outside_band][:3].tolist()}"
+    )
+    assert int(flips.sum()) <= max_flips, f"{int(flips.sum())} pairs flipped in the band"
+    if dist is not None:
+        assert_close(torch.as_tensor(dist), torch.as_tensor(ref_dist[found]), dtype)
