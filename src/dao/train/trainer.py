@@ -80,9 +80,9 @@ class EMA:
     def update(self, module: nn.Module, step: int) -> None:
         # Warm-up of the decay so early averages are not dominated by the init.
         d = min(self.decay, (1.0 + step) / (10.0 + step))
-        for e, p in zip(self.module.parameters(), module.parameters()):
+        for e, p in zip(self.module.parameters(), module.parameters(), strict=True):
             e.lerp_(p.detach(), 1.0 - d)
-        for e, b in zip(self.module.buffers(), module.buffers()):
+        for e, b in zip(self.module.buffers(), module.buffers(), strict=True):
             e.copy_(b)
 
 
