@@ -184,7 +184,7 @@ def _run_passes(core, stream, positions, cell, ptr, pbc, cutoff, self_interactio
     for _attempt in range(3):
         torch.cumsum(counts, 0, out=row_off[1:])
         # One host sync for the error flag and the size.
-        flag, n_pairs = (int(x) for x in torch.stack([error[0].to(torch.int64), row_off[-1]]))
+        flag, n_pairs = torch.stack([error[0].to(torch.int64), row_off[-1]]).tolist()
         if flag:
             raise ValueError(
                 "an image shift does not fit in int16: atoms lie too many cells apart; wrap "
