@@ -257,7 +257,12 @@ void prepare_system(const T* pos, const T* cell, const uint8_t* pbc, int64_t s, 
         sys.fmin[k] = fmin[k];
         sys.fwidth[k] = fspan[k] / double(nbin[k]);
         const double bin_height = sys.fwidth[k] * sys.height[k];
-        sys.reach[k] = static_cast<int64_t>(std::ceil(cutoff / bin_height * (1.0 + kPad)));
+        const double reach = std::ceil(cutoff / bin_height * (1.0 + kPad));
+        // Open axes have no images: no bin farther than the grid is ever
+        // needed (and a flat layer of atoms would otherwise give a huge reach).
+        sys.reach[k] = sys.periodic[k] ? static_cast<int64_t>(reach)
+                                       : std::min<int64_t>(nbin[k] - 1, static_cast<int64_t>(
+                                                                            std::min(reach, 1e9)));
     }
     const int64_t nb = sys.n_bins();
     std::vector<int64_t> atom_bin(n_local);

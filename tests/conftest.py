@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in the interpreter. Triton fixes its mode
+# when first imported, so this has to happen before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

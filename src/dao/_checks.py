@@ -6,11 +6,12 @@ fix it, before any kernel sees it.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["SystemsInput", "check_systems"]
+__all__ = ["SystemsInput", "check_cutoff", "check_systems"]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -42,6 +43,16 @@ def _as_ptr(num_atoms: torch.Tensor, n_atoms: int, device: torch.device) -> torc
     ptr = torch.zeros(num_atoms.numel() + 1, dtype=torch.int64, device=device)
     torch.cumsum(num_atoms, 0, out=ptr[1:])
     return ptr
+
+
+def check_cutoff(cutoff) -> float:
+    """The cutoff as a float; ValueError unless it is a positive finite real number."""
+    if isinstance(cutoff, bool) or not isinstance(cutoff, numbers.Real):
+        raise ValueError(f"cutoff must be a number (positive and finite), got {cutoff!r}")
+    value = float(cutoff)
+    if not (value > 0.0) or value == float("inf"):
+        raise ValueError(f"cutoff must be a positive finite number, got {cutoff}")
+    return value
 
 
 def check_systems(
@@ -132,10 +143,7 @@ def check_systems(
         if pbc_t.shape != (n_systems, 3):
             raise ValueError(f"pbc must be a bool, [3] or [B, 3] = [{n_systems}, 3]")
     if cutoff is not None:
-        if not isinstance(cutoff, (int, float)) or isinstance(cutoff, bool):
-            raise ValueError(f"cutoff must be a number, got {type(cutoff).__name__}")
-        if not (cutoff > 0.0) or cutoff == float("inf"):
-            raise ValueError(f"cutoff must be a positive finite number, got {cutoff}")
+        check_cutoff(cutoff)
 
     if check_finite:
         if not bool(torch.isfinite(positions).all()):
@@ -156,6 +164,4 @@ def check_systems(
                 "linearly independent lattice vectors (also for non-periodic axes, which "
                 "only set the frame)"
             )
-    return SystemsInput(
-        positions.contiguous(), cell.contiguous(), ptr, pbc_t.contiguous(), batch
-    )
+    return SystemsInput(positions.contiguous(), cell.contiguous(), ptr, pbc_t.contiguous(), batch)

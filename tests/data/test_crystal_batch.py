@@ -29,7 +29,7 @@ def test_roundtrip_pymatgen():
     assert b.batch.tolist() == [0] * len(structs[0]) + [1] * 3 + [2]
     assert b.ptr.tolist() == [0, len(structs[0]), len(structs[0]) + 3, b.num_nodes]
     back = b.to_structures()
-    for s, t in zip(structs, back):
+    for s, t in zip(structs, back, strict=True):
         assert [x.specie.Z for x in s] == [x.specie.Z for x in t]
         np.testing.assert_allclose(s.lattice.matrix, t.lattice.matrix, atol=1e-12)
         np.testing.assert_allclose(s.frac_coords, t.frac_coords, atol=1e-12)
@@ -45,7 +45,7 @@ def test_roundtrip_ase():
     b = CrystalBatch.from_atoms(atoms, dtype=torch.float32)
     assert b.frac_coords.dtype == torch.float32
     back = b.to_atoms()
-    for a, c in zip(atoms, back):
+    for a, c in zip(atoms, back, strict=True):
         assert list(a.numbers) == list(c.numbers)
         np.testing.assert_allclose(a.positions, c.positions, atol=1e-5)
         assert c.pbc.all()

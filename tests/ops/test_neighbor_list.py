@@ -683,18 +683,10 @@ def _bad_cases():
 
 
 _BAD = _bad_cases()
-# check_systems validates the cutoff only when it is not None ("if given"), and
-# both neighbor_list functions then call float(None): a TypeError, not the
-# documented ValueError.
-_CUTOFF_NONE_BUG = pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="cutoff=None reaches float(None): TypeError"
-)
 
 
 def _cases(names):
-    return [
-        pytest.param(c, marks=_CUTOFF_NONE_BUG) if c == "cutoff_none" else c for c in sorted(names)
-    ]
+    return sorted(names)
 
 
 @pytest.mark.parametrize("case", _cases(_BAD))
@@ -730,11 +722,6 @@ def test_int16_shift_range(backend):
         neighbor_list(far, cell, 0.9, pbc=pbc, backend=backend)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dao.reference.neighbor_list casts shifts to int16 without a range check: "
-    "a shift of -40000 comes back as 25536 (the op's torch backend does check)",
-)
 def test_reference_twin_refuses_int16_overflow():
     cell = torch.eye(3, dtype=torch.float64)
     pos = torch.tensor([[0.3, 0.0, 0.0], [40000.5, 0.0, 0.0]], dtype=torch.float64)

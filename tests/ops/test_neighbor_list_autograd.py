@@ -127,20 +127,9 @@ def test_gradients_match_reference_twin(dtype, outputs):
 
 
 # Training on forces (F = -dE/dr, then a loss on F) differentiates the backward
-# itself. When vectors are not returned, the backward recomputes them under
-# torch.no_grad(), so with create_graph=True the gradient it returns is
-# treated as constant in positions and cell: second derivatives come out wrong
-# (silently) for the default return_vectors=False.
-_DOUBLE_BACKWARD_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,  # torch.autograd.gradcheck.GradcheckError
-    reason="backward recomputes vectors under no_grad when they were not returned: "
-    "double backward (force training) is wrong for return_vectors=False",
-)
-
-
+# itself, including the path where the backward recomputes the vectors.
 @pytest.mark.parametrize(
-    "outputs", [pytest.param("distances", marks=_DOUBLE_BACKWARD_BUG), "vectors", "both"]
+    "outputs", ["distances", "vectors", "both"]
 )
 def test_gradgradcheck(outputs):
     want_d, want_v = OUTPUTS[outputs]
@@ -151,14 +140,9 @@ def test_gradgradcheck(outputs):
     assert torch.autograd.gradgradcheck(f, (pos, cell))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="same bug: second derivatives lost when vectors are not returned",
-)
 def test_force_training_gradient_matches_reference():
     """d/dr of |F|^2 with F = -dE/dr, E a pair potential on distances (default flags):
-    the second-order path, against the reference twin. Fails with the bug above."""
+    the second-order path, against the reference twin."""
     pos, cell, num, pbc, cutoff = _small_batch(33, 2)
     grads = []
     for fn in (neighbor_list, ref.neighbor_list):

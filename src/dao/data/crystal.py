@@ -138,8 +138,10 @@ class CrystalBatch:
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> CrystalBatch:
         """A new batch holding the given crystals, in the given order."""
-        return CrystalBatch.concat([self[int(i)] for i in indices]) if len(indices) else (
-            CrystalBatch.empty(self.frac_coords.dtype)
+        return (
+            CrystalBatch.concat([self[int(i)] for i in indices])
+            if len(indices)
+            else (CrystalBatch.empty(self.frac_coords.dtype))
         )
 
     # ------------------------------------------------------------ construction

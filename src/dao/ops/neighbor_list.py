@@ -12,8 +12,8 @@ per-axis periodicity. Backends:
 
 Distances and vectors are differentiable with respect to positions and cell
 (autograd registered on the op; the backward recomputes vectors when they were
-not returned). The integer outputs use 18 bytes per pair with distances:
-int32 i, int32 j, int16 shifts[3], and the input's float dtype.
+not returned). Output layout: int32 i, int32 j, int16 shifts[3] and distances in the input's
+float dtype: 18 bytes per pair for float32 (the default dtype), 22 for float64.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from dao._checks import check_systems
+from dao._checks import check_cutoff, check_systems
 from dao._ext import has_cuda_ext, has_triton, load_core
 from dao._types import NeighborList
 from dao.reference import neighbor_list as _ref
@@ -83,8 +83,6 @@ def _run_cpp(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v
 
 def _run_torch(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v):
     i, j, s = _ref.neighbor_pairs(positions, cell, ptr, pbc, cutoff, self_interaction)
-    if (s.abs() > torch.iinfo(torch.int16).max).any():
-        raise ValueError("an image shift does not fit in int16; wrap positions into the cell first")
     vec = _ref.pair_vectors(positions, cell, ptr, i, j, s)
     out = _empty_outputs(positions, 0, False, False)
     return (
@@ -99,7 +97,9 @@ def _run_torch(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want
 def _run_triton(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v):
     from dao.kernels.neighbor_list import neighbor_list_forward  # noqa: PLC0415
 
-    return neighbor_list_forward(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v)
+    return neighbor_list_forward(
+        positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v
+    )
 
 
 def _run_cuda(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v):
@@ -165,7 +165,8 @@ def _neighbor_list_op(
     return_vectors: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(i [P] int32, j [P] int32, shifts [P,3] int16, distances [P] or [0], vectors [P,3] or [0,3])."""
+    """(i [P] int32, j [P] int32, shifts [P,3] int16, distances [P] or [0], vectors [P,3] or
+    [0,3])."""
     name = _resolve_backend(backend, positions.device)
     return _RUNNERS[name](
         positions, cell, ptr, pbc, cutoff, self_interaction, return_distances, return_vectors
@@ -173,7 +174,9 @@ def _neighbor_list_op(
 
 
 @_neighbor_list_op.register_fake
-def _(positions, cell, ptr, pbc, cutoff, self_interaction, return_distances, return_vectors, backend):
+def _(
+    positions, cell, ptr, pbc, cutoff, self_interaction, return_distances, return_vectors, backend
+):
     n = torch.library.get_ctx().new_dynamic_size()
     return _empty_outputs(positions, n, return_distances, return_vectors)
 
@@ -188,8 +191,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, _gi, _gj, _gs, grad_distances, grad_vectors):
     positions, cell, ptr, i, j, shifts, distances, vectors = ctx.saved_tensors
     if not ctx.want_v:
-        with torch.no_grad():
-            vectors = _ref.pair_vectors(positions, cell, ptr, i, j, shifts)
+        # Recomputed under the current grad mode: with create_graph=True the
+        # vectors stay functions of positions and cell (double backward).
+        vectors = _ref.pair_vectors(positions, cell, ptr, i, j, shifts)
     g = torch.zeros_like(vectors)
     if ctx.want_d and grad_distances is not None:
         if not ctx.want_v:
@@ -207,9 +211,7 @@ def _backward(ctx, _gi, _gj, _gs, grad_distances, grad_vectors):
     return grad_pos, grad_cell, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd(
-    "dao::neighbor_list", _backward, setup_context=_setup_context
-)
+torch.library.register_autograd("dao::neighbor_list", _backward, setup_context=_setup_context)
 
 
 def neighbor_list(
@@ -253,7 +255,8 @@ def neighbor_list(
         ValueError: bad shapes/dtypes, NaN/inf, cutoff <= 0, singular cell,
             inconsistent num_atoms/batch, or an unavailable backend.
     """
-    x = check_systems(positions, cell, num_atoms=num_atoms, batch=batch, pbc=pbc, cutoff=cutoff)
+    cutoff = check_cutoff(cutoff)
+    x = check_systems(positions, cell, num_atoms=num_atoms, batch=batch, pbc=pbc)
     _resolve_backend(backend, x.positions.device)  # clear errors before dispatch
     i, j, s, d, v = _neighbor_list_op(
         x.positions,

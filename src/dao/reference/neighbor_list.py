@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dao._checks import check_systems
+from dao._checks import check_cutoff, check_systems
 from dao._types import NeighborList
 
 __all__ = ["neighbor_list", "neighbor_pairs"]
@@ -72,7 +72,11 @@ def neighbor_pairs(
     cutoff: float,
     self_interaction: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer part of the list for already-checked input: (i int64 [P], j, shifts int64 [P, 3])."""
+    """Integer part of the list for already-checked input: (i int64 [P], j, shifts int64 [P, 3]).
+
+    Raises:
+        ValueError: if a shift does not fit the int16 output layout.
+    """
     all_i, all_j, all_s = [], [], []
     bounds = ptr.tolist()
     for s in range(cell.shape[0]):
@@ -86,7 +90,13 @@ def neighbor_pairs(
     if not all_i:
         empty = torch.zeros(0, dtype=torch.int64, device=positions.device)
         return empty, empty, torch.zeros(0, 3, dtype=torch.int64, device=positions.device)
-    return torch.cat(all_i), torch.cat(all_j), torch.cat(all_s)
+    shifts = torch.cat(all_s)
+    if shifts.numel() and int(shifts.abs().max()) > torch.iinfo(torch.int16).max:
+        raise ValueError(
+            "an image shift does not fit in int16 (atoms lie more than 32767 cells outside "
+            "their cell); wrap positions into the cell first"
+        )
+    return torch.cat(all_i), torch.cat(all_j), shifts
 
 
 def pair_vectors(
@@ -98,8 +108,8 @@ def pair_vectors(
     shifts: torch.Tensor,
 ) -> torch.Tensor:
     """r_j - r_i + S . L for every pair, differentiable w.r.t. positions and cell. [P, 3]."""
-    system = torch.searchsorted(ptr, i.to(torch.int64), right=True) - 1
-    i, j = i.to(torch.int64), j.to(torch.int64)
+    i, j = i.to(torch.int64).contiguous(), j.to(torch.int64)
+    system = torch.searchsorted(ptr, i, right=True) - 1
     return (
         positions[j]
         - positions[i]
@@ -120,8 +130,9 @@ def neighbor_list(
     return_vectors: bool = False,
 ):
     """Reference periodic neighbour list; same contract as :func:`dao.ops.neighbor_list`."""
-    x = check_systems(positions, cell, num_atoms=num_atoms, batch=batch, pbc=pbc, cutoff=cutoff)
-    i, j, s = neighbor_pairs(x.positions, x.cell, x.ptr, x.pbc, float(cutoff), self_interaction)
+    cutoff = check_cutoff(cutoff)
+    x = check_systems(positions, cell, num_atoms=num_atoms, batch=batch, pbc=pbc)
+    i, j, s = neighbor_pairs(x.positions, x.cell, x.ptr, x.pbc, cutoff, self_interaction)
     vec = pair_vectors(x.positions, x.cell, x.ptr, i, j, s)
     return NeighborList(
         i.to(torch.int32),
