@@ -772,3 +772,16 @@ def test_gpu_backends_match_cpu(backend):
     np.testing.assert_array_equal(got[0], want[0])
     assert_close(torch.as_tensor(got[1]), torch.as_tensor(want[1]))
     assert_close(torch.as_tensor(got[2]), torch.as_tensor(want[2]))
+
+
+def test_flat_layer_on_open_axis_cell_list():
+    """200 atoms in one plane with that axis open take the cell-list path; the
+    bin reach along the flat axis must stay bounded (it once grew to ~1e12)."""
+    g = torch.Generator().manual_seed(5)
+    pos = torch.rand(200, 3, generator=g, dtype=torch.float64) * 30
+    pos[:, 2] = 0.5
+    cell = 30 * torch.eye(3, dtype=torch.float64)
+    pbc = torch.tensor([True, True, False])
+    got = sorted_pairs(neighbor_list(pos, cell, 4.0, pbc=pbc))[0]
+    want = sorted_pairs(ref.neighbor_list(pos, cell, 4.0, pbc=pbc))[0]
+    np.testing.assert_array_equal(got, want)
