@@ -1,0 +1,307 @@
+"""Crysformer: the transformer backbone shared by DAO-G and DAO-P (spec §2).
+
+A transformer over the fully connected graph of each unit cell's atoms (self
+pairs included, no periodic images). Node input: frozen CGCNN features →
+Linear(92, h), concatenated with a sinusoidal time embedding → Linear(h + T, h).
+Each layer: pre-LayerNorm edge attention (q from the centre i, k and v from the
+neighbour j, the edge embedding e_ij added to both k and v, softmax over the
+neighbours of i), a gated residual, a pre-LayerNorm GELU feed-forward and a
+second gated residual. Edge embedding: e_ij = Linear(LayerNorm([φ(Δf_ij), L·Lᵀ])).
+
+Three implementations of the same function live here, all on the same parameters:
+
+* the fast paths share exact rewrites: q, k, v are projected on the N nodes and
+  then gathered (never projected on the E edges); φ(Δf) and L·Lᵀ are built once per
+  forward; the LayerNorm statistics of the edge features are the same in every
+  layer, so the features are normalised once (z) and each layer's LayerNorm affine
+  is folded into its Linear: e = W'·z + b' with W' = W·diag γ, b' = W·β + b.
+  - ``edge_impl = "projected"`` forms e for all layers with one wide GEMM
+    [E, 6K + 9] × [6K + 9, L·h] and attends over the edge list;
+  - ``edge_impl = "factorized"`` (default) never forms e: e enters the attention
+    linearly, so per head q·e = (W'ᵀq)·z + q·b' and Σ α·e = W'·(Σ α·z) + b'·Σ α,
+    products with H columns instead of h (see :meth:`CrysformerLayer.attention`).
+    Edges are regrouped as one row of slots per centre atom, so the softmax and
+    the sums over neighbours are dense reductions. It is the faster of the two at
+    the paper size, most of all for large cells and without gradients (sampling);
+    "projected" can be faster for training small models (few heads, few
+    frequencies), where the edge GEMM is cheap.
+* the naive path (``naive=True``, :func:`reference_edge_attention`) computes
+  everything per layer on the edge list, exactly as the equations read. It is the
+  test oracle and the benchmark baseline.
+
+A checkpoint runs on every path; ``edge_impl`` is not part of the config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dao.models.common import (
+    GatedResidual,
+    ModelOutput,
+    OutputHeads,
+    PaddedEdges,
+    check_model_inputs,
+    default_atom_features,
+    edge_crystal_index,
+    fourier_features,
+    frac_diff,
+    fully_connected_edges,
+    lattice_gram,
+    pad_by_destination,
+    segment_softmax,
+    sinusoidal_time_embedding,
+)
+from dao.models.config import CrysformerConfig
+
+__all__ = ["Crysformer", "CrysformerLayer", "crysformer_edge_features", "reference_edge_attention"]
+
+
+def crysformer_edge_features(
+    frac_coords: Tensor, lattice: Tensor, batch: Tensor, edges: Tensor, num_freqs: int
+) -> Tensor:
+    """Raw edge features [E, 6K + 9] = [φ(Δf_ij), (L·Lᵀ)_flat of the edge's crystal]."""
+    phi = fourier_features(frac_diff(frac_coords, edges), num_freqs)
+    gram = lattice_gram(lattice)[edge_crystal_index(batch, edges)]
+    return torch.cat([phi, gram], dim=1)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, dst: Tensor, num_nodes: int, heads: int) -> Tensor:
+    """Multi-head attention on edges: q, k, v [E, h] (already per edge) → [N, h]."""
+    e, h = q.shape
+    d = h // heads
+    scores = (q * k).view(e, heads, d).sum(-1) * (1.0 / math.sqrt(d))
+    alpha = segment_softmax(scores, dst, num_nodes)
+    weighted = (alpha.unsqueeze(-1) * v.view(e, heads, d)).view(e, h)
+    return torch.zeros(num_nodes, h, dtype=v.dtype, device=v.device).index_add(0, dst, weighted)
+
+
+class CrysformerLayer(nn.Module):
+    """One Crysformer layer: edge attention and feed-forward, each with a gated residual."""
+
+    def __init__(self, config: CrysformerConfig) -> None:
+        super().__init__()
+        h = config.hidden
+        self.heads = config.heads
+        self.attn_norm = nn.LayerNorm(h)
+        self.q_proj = nn.Linear(h, h)
+        self.kv_proj = nn.Linear(h, 2 * h)
+        self.out_proj = nn.Linear(h, h)
+        self.edge_norm = nn.LayerNorm(config.edge_dim)
+        self.edge_proj = nn.Linear(config.edge_dim, h)
+        self.attn_gate = GatedResidual(h)
+        self.ffn_norm = nn.LayerNorm(h)
+        self.ffn = nn.Sequential(
+            nn.Linear(h, config.ffn_mult * h), nn.GELU(), nn.Linear(config.ffn_mult * h, h)
+        )
+        self.ffn_gate = GatedResidual(h)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def folded_edge_projection(self) -> tuple[Tensor, Tensor]:
+        """(W·diag γ, W·β + b): the edge LayerNorm affine folded into the edge Linear,
+        to apply to features normalised without affine. Shapes [h, D] and [h]."""
+        w, b = self.edge_proj.weight, self.edge_proj.bias
+        return w * self.edge_norm.weight, torch.mv(w, self.edge_norm.bias) + b
+
+    def attention(self, x: Tensor, z_pad: Tensor, pad: PaddedEdges) -> Tensor:
+        """Fast attention block (exact rewrite of :func:`reference_edge_attention`).
+
+        The edge embedding e_ij = W'·z_ij + b' (LayerNorm affine folded in) enters
+        linearly, so per head
+
+            q_i·(k_j + e_ij) = q_i·k_j + (W'ᵀq_i)·z_ij + q_i·b'
+            Σ_j α_ij (v_j + e_ij) = Σ_j α_ij v_j + W'·(Σ_j α_ij z_ij) + b'·Σ_j α_ij
+
+        so the [E, D]×[D, h] edge projection is replaced by per-edge products with H
+        columns (z_ij·u_i with u_i = W'ᵀq_i, and Σ_j α_ij z_ij: 2H instead of h
+        multiply-adds per edge feature) and two node-level [N, D]×[D, d] products per
+        head.
+
+        Args:
+            x: [N, h] node features.
+            z_pad: [N, S, D] edge features normalised without affine, per destination.
+            pad: the slot layout (:func:`pad_by_destination`).
+
+        Returns:
+            [N, h] the block's output (before dropout and the gated residual).
+        """
+        n, h = x.shape
+        heads, d = self.heads, h // self.heads
+        w, b = self.folded_edge_projection()
+        w_heads = w.view(heads, d, -1)  # [H, d, D]
+        hn = self.attn_norm(x)
+        q = self.q_proj(hn).view(n, heads, d)
+        k, v = self.kv_proj(hn).chunk(2, dim=-1)
+        slots = pad.src.shape[1]
+        k_pad = k[pad.src].view(n, slots, heads, d)  # [N, S, H, d]
+        v_pad = v[pad.src].view(n, slots, heads, d)
+        u = torch.bmm(q.transpose(0, 1), w_heads)  # [H, N, D]: W'ᵀ q per head
+        scores = (
+            (q.unsqueeze(1) * k_pad).sum(-1)
+            + torch.bmm(z_pad, u.permute(1, 2, 0))
+            + (q * b.view(heads, d)).sum(-1).unsqueeze(1)
+        ) * (1.0 / math.sqrt(d))  # [N, S, H]
+        mask = pad.mask.unsqueeze(-1)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # A destination without edges gets all-zero weights, like the segment softmax.
+        alpha = torch.softmax(scores, dim=1) * mask
+        y = torch.bmm(alpha.transpose(1, 2), z_pad)  # [N, H, D]: Σ_j α_ij z_ij
+        out = (
+            (alpha.unsqueeze(-1) * v_pad).sum(1)
+            + torch.bmm(y.transpose(0, 1), w_heads.transpose(1, 2)).transpose(0, 1)
+            + alpha.sum(1).unsqueeze(-1) * b.view(heads, d)
+        )
+        return self.out_proj(out.reshape(n, h))
+
+    def attention_projected(self, x: Tensor, edge_emb: Tensor, edges: Tensor) -> Tensor:
+        """Fast attention with the edge embedding formed explicitly: q, k, v projected
+        on the nodes and gathered onto the edge list; ``edge_emb`` [E, h] is e_ij."""
+        src, dst = edges[0], edges[1]
+        hn = self.attn_norm(x)
+        q = self.q_proj(hn)
+        k, v = self.kv_proj(hn).chunk(2, dim=-1)
+        out = _attend(q[dst], k[src] + edge_emb, v[src] + edge_emb, dst, x.shape[0], self.heads)
+        return self.out_proj(out)
+
+    def finish(self, x: Tensor, attn: Tensor) -> Tensor:
+        """The rest of the layer after the attention block's output ``attn`` [N, h]:
+        gated residual, feed-forward, gated residual."""
+        x = self.attn_gate(x, self.dropout(attn))
+        return self.ffn_gate(x, self.dropout(self.ffn(self.ffn_norm(x))))
+
+    def forward(self, x: Tensor, z_pad: Tensor, pad: PaddedEdges) -> Tensor:
+        """x: [N, h] node features; z_pad, pad: the shared edge data (see :meth:`attention`)."""
+        return self.finish(x, self.attention(x, z_pad, pad))
+
+
+def reference_edge_attention(
+    layer: CrysformerLayer, x: Tensor, edge_raw: Tensor, edges: Tensor
+) -> Tensor:
+    """The attention block of ``layer`` as the equations read (the naive twin).
+
+    LayerNorm and Linear on the raw [E, 6K + 9] edge features, node features
+    gathered onto the edges before the q / kv projections.
+
+    Args:
+        layer: the layer whose parameters to use.
+        x: [N, h] node features (before the block's LayerNorm).
+        edge_raw: [E, 6K + 9] raw edge features (:func:`crysformer_edge_features`).
+        edges: [2, E] (src j, dst i).
+
+    Returns:
+        [N, h] the attention block's output (before dropout and the gated residual).
+    """
+    src, dst = edges[0], edges[1]
+    e = layer.edge_proj(layer.edge_norm(edge_raw))
+    hn = layer.attn_norm(x)
+    q = layer.q_proj(hn[dst])
+    k, v = layer.kv_proj(hn[src]).chunk(2, dim=-1)
+    return layer.out_proj(_attend(q, k + e, v + e, dst, x.shape[0], layer.heads))
+
+
+class Crysformer(nn.Module):
+    """The Crysformer backbone with coordinate, lattice and (optional) energy heads.
+
+    Args:
+        config: sizes and heads (:class:`CrysformerConfig`).
+        atom_features: [Z_max + 1, F] frozen atom-feature table, row Z = element Z
+            (CGCNN: [101, 92]). Stored as a buffer, so it is saved with the weights.
+            Default: :func:`dao.data.atom_features.atom_features`.
+
+    Attributes:
+        edge_impl: which fast path ``forward`` runs, ``"factorized"`` (default) or
+            ``"projected"`` (see the module docstring); set it freely, the result is
+            the same up to rounding.
+    """
+
+    def __init__(self, config: CrysformerConfig, atom_features: Tensor | None = None) -> None:
+        super().__init__()
+        self.config = config
+        table = default_atom_features() if atom_features is None else atom_features
+        table = torch.as_tensor(table)
+        if table.dim() != 2 or table.shape[1] != config.atom_feature_dim:
+            raise ValueError(
+                f"atom_features must be [Z_max + 1, {config.atom_feature_dim}], "
+                f"got {tuple(table.shape)}"
+            )
+        self.register_buffer("atom_features", table.detach().clone().to(torch.get_default_dtype()))
+        h = config.hidden
+        self.atom_embed = nn.Linear(config.atom_feature_dim, h)
+        self.node_in = nn.Linear(h + config.time_dim, h)
+        self.layers = nn.ModuleList(CrysformerLayer(config) for _ in range(config.num_layers))
+        self.heads = OutputHeads(
+            h, coord=config.coord_head, lattice=config.lattice_head, energy=config.energy_head
+        )
+        #: Fast-path variant (same result, different speed): "factorized" or "projected".
+        self.edge_impl = "factorized"
+
+    def _embed_nodes(self, atom_types: Tensor, t: Tensor, batch: Tensor) -> Tensor:
+        feats = self.atom_features[atom_types]
+        h = self.atom_embed(feats)
+        temb = sinusoidal_time_embedding(t, self.config.time_dim, h.dtype)[batch]
+        return self.node_in(torch.cat([h, temb], dim=-1))
+
+    def forward(
+        self,
+        atom_types: Tensor,
+        frac_coords: Tensor,
+        lattice: Tensor,
+        t: Tensor,
+        batch: Tensor,
+        edges: Tensor | None = None,
+        *,
+        naive: bool = False,
+    ) -> ModelOutput:
+        """Denoiser outputs for a batch of B crystals with N atoms in total.
+
+        Args:
+            atom_types: [N] int64 atomic numbers.
+            frac_coords: [N, 3] fractional coordinates (any real values).
+            lattice: [B, 3, 3] lattices, rows = lattice vectors.
+            t: [B] int64 diffusion steps.
+            batch: [N] int64 crystal index of every atom, sorted.
+            edges: optional [2, E] (src, dst) from :func:`fully_connected_edges`.
+            naive: run the per-layer reference implementation (same result).
+
+        Returns:
+            ModelOutput(coord [N, 3], lattice [B, 3, 3], energy [B]); a field is None
+            when its head is disabled. Floating inputs are cast to the model dtype.
+        """
+        check_model_inputs(atom_types, frac_coords, lattice, t, batch)
+        dtype = self.atom_embed.weight.dtype
+        frac_coords, lattice = frac_coords.to(dtype), lattice.to(dtype)
+        if edges is None:
+            edges = fully_connected_edges(batch, lattice.shape[0])
+        x = self._embed_nodes(atom_types, t, batch)
+        k = self.config.num_freqs
+        impl = "naive" if naive else self.edge_impl
+        if impl not in ("factorized", "projected", "naive"):
+            raise ValueError(f"edge_impl must be 'factorized' or 'projected', got {impl!r}")
+        if impl == "naive":
+            for layer in self.layers:
+                # Deliberately rebuilt per layer: the reference does all edge work per layer.
+                edge_raw = crysformer_edge_features(frac_coords, lattice, batch, edges, k)
+                x = layer.finish(x, reference_edge_attention(layer, x, edge_raw, edges))
+        elif self.layers:
+            edge_raw = crysformer_edge_features(frac_coords, lattice, batch, edges, k)
+            # LayerNorm statistics are shared by all layers: normalise once, and let
+            # each layer apply its own affine (folded into its projection).
+            z = F.layer_norm(edge_raw, edge_raw.shape[1:], eps=self.layers[0].edge_norm.eps)
+            if impl == "factorized":
+                pad = pad_by_destination(edges, x.shape[0])
+                z_pad = z[pad.index]  # [N, S, D]; unused slots are masked out downstream
+                for layer in self.layers:
+                    x = layer(x, z_pad, pad)
+            else:
+                folded = [layer.folded_edge_projection() for layer in self.layers]
+                w = torch.cat([f[0] for f in folded])
+                b = torch.cat([f[1] for f in folded])
+                # All layers' edge embeddings from one wide GEMM.
+                edge_emb = F.linear(z, w, b).split(self.config.hidden, dim=1)
+                for layer, e in zip(self.layers, edge_emb, strict=True):
+                    x = layer.finish(x, layer.attention_projected(x, e, edges))
+        return self.heads(x, batch, lattice)
