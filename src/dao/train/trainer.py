@@ -298,6 +298,9 @@ class Trainer:
     # ----------------------------------------------------------------- loop
     def fit(self, resume: bool = True) -> dict[str, Any]:
         """Train to ``cfg.epochs`` (or ``max_minutes``); returns a summary."""
+        if not resume and self.rank == 0 and (self.out_dir / "log.csv").exists():
+            # A restart begins a new log; the old one is kept beside it.
+            (self.out_dir / "log.csv").replace(self.out_dir / f"log.{int(time.time())}.csv")
         if resume and self.resume():
             if self.rank == 0:
                 print(

@@ -1,0 +1,114 @@
+"""`dao generate` and its Python API with a tiny untrained model (fast, offline)."""
+
+import csv
+
+import pytest
+import torch
+
+from dao.cli import main
+from dao.generate import generate, parse_formula
+from dao.pretrained import build_diffusion, load_daog
+from dao.train import export_weights
+
+TINY = {
+    "model": {
+        "model": "crysformer",
+        "num_layers": 1,
+        "hidden": 16,
+        "heads": 2,
+        "num_freqs": 4,
+        "time_dim": 8,
+    },
+    "diffusion": {"timesteps": 5},
+    "data": {"max_atoms": 12},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    diff = build_diffusion(TINY)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    state = {k: v for k, v in diff.state_dict().items()}
+    export_weights(state, TINY, path)
+    return path
+
+
+def test_weights_roundtrip(tiny_weights):
+    diff, cfg = load_daog(tiny_weights)
+    assert cfg["model"]["hidden"] == 16 and diff.timesteps == 5
+
+
+def test_parse_formula():
+    assert parse_formula("CsV3Sb5") == {55: 1, 23: 3, 51: 5}
+    assert parse_formula("Fe2O3") == {26: 2, 8: 3}
+    assert parse_formula("Ti2O4") == {22: 1, 8: 2}  # reduced
+    for bad, msg in [
+        ("Xx2O", "unknown element"),
+        ("", "formula"),
+        ("Fe2.5O", "fractional"),
+        ("(Fe", "malformed"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            parse_formula(bad)
+
+
+def test_generate_api_auto_z(tiny_weights):
+    res = generate("SrTiO3", 3, weights=tiny_weights, seed=1, progress=False)
+    assert len(res) == 3
+    for r in res:
+        comp = r.structure.composition
+        assert comp.reduced_formula == "SrTiO3"
+        assert len(r.structure) == 5 * r.formula_units and r.formula_units in (1, 2)
+        counts = r.to_ase().symbols.formula.count()
+        assert {k: v // r.formula_units for k, v in counts.items()} == {"Sr": 1, "Ti": 1, "O": 3}
+    keys = [(not r.valid, r.residual) for r in res]
+    assert keys == sorted(keys)  # best first
+
+
+def test_generate_same_seed_same_result(tiny_weights):
+    a = generate("NaCl", 2, formula_units=2, weights=tiny_weights, seed=3, progress=False)
+    b = generate("NaCl", 2, formula_units=2, weights=tiny_weights, seed=3, progress=False)
+    for x, y in zip(a, b, strict=True):
+        assert x.structure == y.structure
+
+
+def test_too_many_atoms(tiny_weights):
+    with pytest.raises(ValueError, match="limit"):
+        generate("NaCl", 1, formula_units=7, weights=tiny_weights, progress=False)
+    with pytest.raises(ValueError, match="limit"):
+        generate("CsV3Sb5O4", 1, weights=tiny_weights, progress=False)  # 13 atoms per unit
+
+
+def test_cli_writes_cifs_summary_and_png(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "generate",
+            "LiFePO4",
+            "-n",
+            "2",
+            "-z",
+            "1",
+            "--weights",
+            str(tiny_weights),
+            "-o",
+            str(out),
+            "--png",
+            "-q",
+        ]
+    )
+    assert rc == 0
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and rows[0]["rank"] == "1"
+    for r in rows:
+        assert (out / r["file"]).stat().st_size > 0
+        assert (out / r["picture"]).read_bytes()[:4] == b"\x89PNG"
+    assert "LiFePO4" in {r["reduced_formula"] for r in rows}
+    assert "wrote 2 CIF files" in capsys.readouterr().out
+
+
+def test_cli_bad_formula_is_a_clear_error(tiny_weights, capsys):
+    assert main(["generate", "Qq3", "--weights", str(tiny_weights), "-q"]) == 2
+    assert "unknown element" in capsys.readouterr().err
