@@ -53,6 +53,10 @@ struct System {
     bool periodic[3] = {false, false, false};
     double height[3] = {0, 0, 0};  // distance between lattice planes
     bool use_cells = false;
+    // Rows of the reduced basis in terms of the given one: reduced = U . L.
+    // Shifts found in the reduced basis map back as S = S' . U.
+    int32_t U[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+    bool reduced = false;
     // Cell list (only when use_cells).
     int64_t nbin[3] = {1, 1, 1};
     int64_t reach[3] = {0, 0, 0};  // neighbour bins to visit on each side
@@ -155,6 +159,43 @@ void ResultImpl<T>::copy_to(int32_t* i, int32_t* j, int16_t* shifts, void* dista
 
 [[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
+// Pairwise size reduction of the basis (each vector shortened by integer
+// multiples of the others until none changes): removes shear, so plane spacings
+// come close to the vector lengths. U tracks the unimodular change of basis.
+void reduce_basis(System& sys) {
+    Vec3 v[3] = {sys.a, sys.b, sys.c};
+    int64_t u[3][3] = {{1, 0, 0}, {0, 1, 0}, {0, 0, 1}};
+    for (int iter = 0; iter < 100; ++iter) {
+        bool changed = false;
+        for (int i = 0; i < 3; ++i) {
+            for (int j = 0; j < 3; ++j) {
+                if (i == j) continue;
+                const double mu = std::nearbyint(dot(v[i], v[j]) / dot(v[j], v[j]));
+                if (mu == 0.0 || std::abs(mu) > 1e6) continue;
+                const Vec3 w = v[i] - mu * v[j];
+                if (!(dot(w, w) < dot(v[i], v[i]) * (1.0 - 1e-12))) continue;
+                v[i] = w;
+                for (int k = 0; k < 3; ++k) u[i][k] -= static_cast<int64_t>(mu) * u[j][k];
+                changed = true;
+            }
+        }
+        if (!changed) break;
+    }
+    for (int i = 0; i < 3; ++i) {
+        for (int k = 0; k < 3; ++k) {
+            if (std::abs(u[i][k]) > kMaxShift) return;  // keep the given basis
+        }
+    }
+    sys.a = v[0];
+    sys.b = v[1];
+    sys.c = v[2];
+    for (int i = 0; i < 3; ++i) {
+        for (int k = 0; k < 3; ++k) sys.U[3 * i + k] = static_cast<int32_t>(u[i][k]);
+    }
+    sys.reduced = !(u[0][0] == 1 && u[1][1] == 1 && u[2][2] == 1 && u[0][1] == 0 &&
+                    u[0][2] == 0 && u[1][0] == 0 && u[1][2] == 0 && u[2][0] == 0 && u[2][1] == 0);
+}
+
 template <typename T>
 void prepare_system(const T* pos, const T* cell, const uint8_t* pbc, int64_t s, double cutoff,
                     int64_t cell_list_min_atoms, System& sys, AtomData& atoms) {
@@ -179,12 +220,18 @@ void prepare_system(const T* pos, const T* cell, const uint8_t* pbc, int64_t s, 
           << "); give three linearly independent lattice vectors";
         fail(m.str());
     }
-    sys.height[0] = std::abs(det) / norm(bxc);
-    sys.height[1] = std::abs(det) / norm(cxa);
-    sys.height[2] = std::abs(det) / norm(axb);
+    // A sheared cell and its reduced basis hold the same lattice, so the pairs
+    // are the same; the reduced one is far cheaper (fewer images, taller bins).
+    // Only fully periodic cells: an open axis must not mix with periodic ones.
+    if (sys.periodic[0] && sys.periodic[1] && sys.periodic[2]) reduce_basis(sys);
+    const Vec3 rbxc = cross(sys.b, sys.c), rcxa = cross(sys.c, sys.a), raxb = cross(sys.a, sys.b);
+    const double rdet = dot(sys.a, rbxc);
+    sys.height[0] = std::abs(rdet) / norm(rbxc);
+    sys.height[1] = std::abs(rdet) / norm(rcxa);
+    sys.height[2] = std::abs(rdet) / norm(raxb);
 
     // Inverse cell (columns = reciprocal vectors / det): f = x . L^-1.
-    const Vec3 r0 = (1.0 / det) * bxc, r1 = (1.0 / det) * cxa, r2 = (1.0 / det) * axb;
+    const Vec3 r0 = (1.0 / rdet) * rbxc, r1 = (1.0 / rdet) * rcxa, r2 = (1.0 / rdet) * raxb;
     for (int64_t i = sys.begin; i < sys.end; ++i) {
         const Vec3 x{double(pos[3 * i]), double(pos[3 * i + 1]), double(pos[3 * i + 2])};
         if (!std::isfinite(x.x) || !std::isfinite(x.y) || !std::isfinite(x.z)) {
@@ -329,6 +376,7 @@ struct Emitter {
     Chunk<T>& out;
     const AtomData& atoms;
     const Options& opt;
+    const int32_t* U = nullptr;  // basis change of the current system (see System::U)
 
     inline void push(int32_t i, int32_t j, int32_t s0, int32_t s1, int32_t s2, T d, T vx, T vy,
                      T vz) {
@@ -349,15 +397,19 @@ struct Emitter {
     // positions as given: S - off_j + off_i.
     inline void pair(int32_t i, int32_t j, const int32_t* S, double d2, double dx, double dy,
                      double dz) {
-        const int32_t s0 = S[0] - atoms.off[3 * j] + atoms.off[3 * i];
-        const int32_t s1 = S[1] - atoms.off[3 * j + 1] + atoms.off[3 * i + 1];
-        const int32_t s2 = S[2] - atoms.off[3 * j + 2] + atoms.off[3 * i + 2];
+        const int64_t r0 = S[0] - atoms.off[3 * j] + atoms.off[3 * i];
+        const int64_t r1 = S[1] - atoms.off[3 * j + 1] + atoms.off[3 * i + 1];
+        const int64_t r2 = S[2] - atoms.off[3 * j + 2] + atoms.off[3 * i + 2];
+        // Back to the given basis: S = S' . U.
+        const int64_t s0 = r0 * U[0] + r1 * U[3] + r2 * U[6];
+        const int64_t s1 = r0 * U[1] + r1 * U[4] + r2 * U[7];
+        const int64_t s2 = r0 * U[2] + r1 * U[5] + r2 * U[8];
         if (std::abs(s0) > kMaxShift || std::abs(s1) > kMaxShift || std::abs(s2) > kMaxShift) {
             fail("an image shift does not fit in int16; wrap positions into the cell first");
         }
         const T d = static_cast<T>(std::sqrt(d2));
-        push(i, j, s0, s1, s2, d, T(dx), T(dy), T(dz));
-        push(j, i, -s0, -s1, -s2, d, T(-dx), T(-dy), T(-dz));
+        push(i, j, int32_t(s0), int32_t(s1), int32_t(s2), d, T(dx), T(dy), T(dz));
+        push(j, i, int32_t(-s0), int32_t(-s1), int32_t(-s2), d, T(-dx), T(-dy), T(-dz));
     }
 
     inline void self_pair(int32_t i) { push(i, i, 0, 0, 0, T(0), T(0), T(0), T(0)); }
@@ -607,10 +659,12 @@ std::unique_ptr<Result> compute_typed(const Input& in, const Options& opt) {
         const System& first = systems[w.sys_begin];
         if (first.use_cells) {
             for (int64_t b = w.bin_begin; b < w.bin_end; ++b) {
+                em.U = first.U;
                 search_bin<T>(first, b, opt.cutoff, em);
             }
         } else {
             for (int64_t s = w.sys_begin; s < w.sys_end; ++s) {
+                em.U = systems[s].U;
                 search_images<T>(systems[s], atoms, opt.cutoff, cand, start, em);
             }
         }
