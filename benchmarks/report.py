@@ -87,10 +87,12 @@ WORKLOAD_TEXT = {
     "cu": "fcc Cu supercell, a = 3.61 A",
 }
 # The issue's targets: (workload, peer, minimum speed-up of dao over the peer).
+# At 100k atoms the issue names single-threaded vesin ("about 24 M pairs/s
+# here"); vesin at its default (all cores) is shown beside it.
 SPEEDUP_TARGETS = [
     ("mp20-6A", "vesin", 8.0),
     ("mp20-6A", "pymatgen", 5.0),
-    ("cu-100k", "vesin", 1.7),
+    ("cu-100k", "vesin-1thread", 1.7),
 ]
 BYTES_TARGET = 20.0
 
@@ -229,6 +231,11 @@ def _targets(rows: list[dict]) -> list[str]:
         extra = ""
         if r1 and r1.get("ratio_vs_ours_1thread") is not None:
             extra = f"; 1 thread vs 1 thread: {r1['ratio_vs_ours_1thread']:.2f}x"
+        base = peer.removesuffix("-1thread")
+        if base != peer and (rb := _get(rows, wl, base)) and rb.get("ratio_vs_ours"):
+            extra = (
+                f"; vs {base} at its default {rb['threads']} threads: {rb['ratio_vs_ours']:.2f}x"
+            )
         met = "yes" if got >= need and r.get("count_ok") else "**no**"
         ours_threads = _get(rows, wl, OURS)["threads"]
         out.append(
@@ -240,13 +247,15 @@ def _targets(rows: list[dict]) -> list[str]:
         for r in rows:
             if r["provider"] == prov and r.get("bytes_per_pair") is not None:
                 bpp[r["dtype"]] = r["bytes_per_pair"]
+    # torch's default dtype is float32: that is the "default dtype layout".
     parts = [f"{v:g} B with {k} input" for k, v in sorted(bpp.items(), key=lambda kv: kv[1])]
     verdict = ", ".join(
         f"{k}: {'yes' if v <= BYTES_TARGET else '**no**'}"
         for k, v in sorted(bpp.items(), key=lambda kv: kv[1])
     )
     out.append(
-        f"| output <= {BYTES_TARGET:g} bytes/pair (i, j, shifts, distances) | "
+        f"| output <= {BYTES_TARGET:g} bytes/pair (i, j, shifts, distances) in the default "
+        "dtype (float32) | "
         f"{'; '.join(parts) or 'not measured'} | {verdict or 'no'} |"
     )
     return out

@@ -97,3 +97,23 @@ def test_export_and_load_weights(tmp_path):
     torch.testing.assert_close(back["w"], sd["w"])
     with pytest.raises(FileNotFoundError):
         load_weights(tmp_path / "missing.safetensors")
+
+
+def test_new_stage_starts_from_previous_weights_with_a_fresh_schedule(tmp_path):
+    """pretrain -> finetune: weights (EMA) carried over, optimiser and schedule new."""
+    first = tmp_path / "stage1"
+    _run([first, 1])
+    ck = load_checkpoint(first / "checkpoints" / "last.pt")
+    second = tmp_path / "stage2"
+    _run([second, 1, "--init-from", first / "checkpoints" / "last.pt"])
+    st2 = load_checkpoint(second / "checkpoints" / "last.pt")
+    assert st2["step"] == STEPS_PER_EPOCH  # the step count restarts with the stage
+    assert st2["scheduler"]["last_epoch"] == STEPS_PER_EPOCH
+    # the new stage began at the old EMA weights: its first logged loss is far below
+    # the first loss of stage 1 (which started from scratch)
+    with open(first / "log.csv") as f:
+        loss1 = [float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"]
+    with open(second / "log.csv") as f:
+        loss2 = [float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"]
+    assert loss2[0] < 0.5 * loss1[0]
+    assert ck["step"] == STEPS_PER_EPOCH
