@@ -7,6 +7,7 @@ import sys
 
 from dao.data.download import add_download_parser
 from dao.eval.cli import add_evaluate_parser
+from dao.eval.sample import add_sample_parser
 
 __all__ = ["main"]
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_download_parser(sub)
     add_evaluate_parser(sub)
+    add_sample_parser(sub)
     p = sub.add_parser("info", help="versions and available kernels")
     p.set_defaults(func=_cmd_info)
 

@@ -142,15 +142,23 @@ def load_predictions(paths, ids=None) -> dict[str, list]:
     return out
 
 
+def subset_indices(n_rows: int, subset: int | None, seed: int) -> list[int]:
+    """Sorted row indices of the fixed random test subset (all rows if ``subset`` is None).
+
+    The one rule for "--subset N --seed S", shared by evaluation and sampling.
+    """
+    if subset is None or subset >= n_rows:
+        return list(range(n_rows))
+    return sorted(random.Random(seed).sample(range(n_rows), subset))
+
+
 def _read_ground_truth(args) -> tuple[list[tuple[str, object]], list[str]]:
     """(selected (id, Structure) pairs, every id of the file)."""
     from dao.eval.baseline import parse_cif, read_csv_rows  # noqa: PLC0415
 
     rows = [(r["material_id"], r["cif"]) for r in read_csv_rows(args.gt_csv)]
     all_ids = [m for m, _ in rows]
-    if args.subset is not None and args.subset < len(rows):
-        keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.subset))
-        rows = [rows[i] for i in keep]
+    rows = [rows[i] for i in subset_indices(len(rows), args.subset, args.seed)]
     return [(m, parse_cif(c)) for m, c in rows], all_ids
 
 
