@@ -51,6 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dao._types import empty_neighbor_outputs
+from dao.reference.neighbor_list import wrap_into_cells
+
 __all__ = ["neighbor_list_forward"]
 
 _BLOCK_I = 32
@@ -208,17 +211,6 @@ def _neighbor_list_pairs_kernel(
             tl.atomic_add(count_ptr + ri, acc, mask=mi & (acc > 0))
 
 
-def _empty(positions: torch.Tensor, n: int, want_d: bool, want_v: bool):
-    dev, dt = positions.device, positions.dtype
-    return (
-        torch.empty(n, dtype=torch.int32, device=dev),
-        torch.empty(n, dtype=torch.int32, device=dev),
-        torch.empty(n, 3, dtype=torch.int16, device=dev),
-        torch.empty(n if want_d else 0, dtype=dt, device=dev),
-        torch.empty(n if want_v else 0, 3, dtype=dt, device=dev),
-    )
-
-
 def _segment_minmax(values: torch.Tensor, system: torch.Tensor, n_systems: int):
     """Per-system min and max of [N, 3] values; 0 for empty systems. Both [B, 3]."""
     idx = system[:, None].expand_as(values)
@@ -357,7 +349,7 @@ def neighbor_list_forward(
     dev, dtype = positions.device, positions.dtype
     n_atoms, n_systems = positions.shape[0], cell.shape[0]
     if n_atoms == 0 or n_systems == 0:
-        return _empty(positions, 0, want_distances, want_vectors)
+        return empty_neighbor_outputs(positions, 0, want_distances, want_vectors)
     cutoff = float(cutoff)
     ptr = ptr.to(device=dev, dtype=torch.int64).contiguous()
     pbc = pbc.to(device=dev, dtype=torch.bool)
@@ -365,22 +357,7 @@ def neighbor_list_forward(
     system = torch.repeat_interleave(torch.arange(n_systems, device=dev), num, output_size=n_atoms)
 
     # Pre-pass in float64 whatever the input dtype.
-    L = cell.detach().to(torch.float64)
-    frac = torch.bmm(
-        positions.detach().to(torch.float64).unsqueeze(1), torch.linalg.inv(L)[system]
-    ).squeeze(1)
-    periodic = pbc[system]
-    off = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
-    frac = frac - off
-    wrap = periodic & (frac >= 1.0)  # f - floor(f) rounds to 1 for tiny negative f
-    frac = torch.where(wrap, frac - 1.0, frac)
-    off = off + wrap.to(off.dtype)
-    if bool((off.abs() > _INT16_MAX).any()):
-        raise ValueError(
-            "an atom lies more than 32767 cells outside its cell; image shifts are stored as "
-            "int16, wrap positions into the cell first"
-        )
-    xw = torch.bmm(frac.unsqueeze(1), L[system]).squeeze(1)
+    L, frac, off, xw = wrap_into_cells(positions, cell, system, pbc)
 
     vol = torch.linalg.det(L).abs()
     a, b, c = L[:, 0], L[:, 1], L[:, 2]
@@ -477,11 +454,11 @@ def neighbor_list_forward(
 
     counts = torch.zeros(n_atoms, dtype=torch.int32, device=dev)
     row_off = torch.zeros(n_atoms + 1, dtype=torch.int64, device=dev)
-    launch(False, counts, row_off, _empty(positions, 0, False, False))
+    launch(False, counts, row_off, empty_neighbor_outputs(positions, 0, False, False))
     for _attempt in range(3):
         torch.cumsum(counts, 0, out=row_off[1:])
         n_pairs = int(row_off[-1])
-        out = _empty(positions, n_pairs, want_distances, want_vectors)
+        out = empty_neighbor_outputs(positions, n_pairs, want_distances, want_vectors)
         cursor = torch.zeros(n_atoms, dtype=torch.int32, device=dev)
         if n_pairs:
             launch(True, cursor, row_off, out)

@@ -160,3 +160,25 @@ def assert_pairs_match(
     assert int(flips.sum()) <= max_flips, f"{int(flips.sum())} pairs flipped in the band"
     if dist is not None:
         assert_close(torch.as_tensor(dist), torch.as_tensor(ref_dist[found]), dtype)
+
+
+def write_tiny_daog(path, timesteps: int = 5, max_atoms: int = 12):
+    """An untrained, tiny DAO-G exported like shipped weights (fast CLI/API tests)."""
+    from dao.pretrained import build_diffusion
+    from dao.train import export_weights
+
+    cfg = {
+        "model": {
+            "model": "crysformer",
+            "num_layers": 1,
+            "hidden": 16,
+            "heads": 2,
+            "num_freqs": 4,
+            "time_dim": 8,
+        },
+        "diffusion": {"timesteps": timesteps},
+        "data": {"max_atoms": max_atoms},
+    }
+    torch.manual_seed(0)
+    export_weights(dict(build_diffusion(cfg).state_dict()), cfg, path)
+    return path

@@ -3,35 +3,16 @@
 import csv
 
 import pytest
-import torch
+from helpers import write_tiny_daog
 
 from dao.cli import main
 from dao.generate import generate, parse_formula
-from dao.pretrained import build_diffusion, load_daog
-from dao.train import export_weights
-
-TINY = {
-    "model": {
-        "model": "crysformer",
-        "num_layers": 1,
-        "hidden": 16,
-        "heads": 2,
-        "num_freqs": 4,
-        "time_dim": 8,
-    },
-    "diffusion": {"timesteps": 5},
-    "data": {"max_atoms": 12},
-}
+from dao.pretrained import load_daog
 
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    diff = build_diffusion(TINY)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    state = {k: v for k, v in diff.state_dict().items()}
-    export_weights(state, TINY, path)
-    return path
+    return write_tiny_daog(tmp_path_factory.mktemp("w") / "tiny.safetensors", 5, 12)
 
 
 def test_weights_roundtrip(tiny_weights):

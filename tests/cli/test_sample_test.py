@@ -5,34 +5,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import write_tiny_daog
 
 from dao.eval.cli import load_predictions
 from dao.eval.sample import sample_test_set
-from dao.pretrained import build_diffusion
-from dao.train import export_weights
 
 FIXTURES = Path(__file__).parents[1] / "eval" / "fixtures"
-TINY = {
-    "model": {
-        "model": "crysformer",
-        "num_layers": 1,
-        "hidden": 16,
-        "heads": 2,
-        "num_freqs": 4,
-        "time_dim": 8,
-    },
-    "diffusion": {"timesteps": 4},
-    "data": {"max_atoms": 20},
-}
 
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    export_weights(dict(build_diffusion(TINY).state_dict()), TINY, path)
-    return path
+    return write_tiny_daog(tmp_path_factory.mktemp("w") / "tiny.safetensors", 4, 20)
 
 
 def test_sample_resume_and_read_back(tiny_weights, tmp_path):

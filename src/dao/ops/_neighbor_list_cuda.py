@@ -25,26 +25,16 @@ from __future__ import annotations
 import torch
 
 from dao._ext import load_core
+from dao._types import empty_neighbor_outputs
+from dao.reference.neighbor_list import wrap_into_cells
 
 __all__ = ["neighbor_list_cuda"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
-_INT16_MAX = 32767
 # Same strategy thresholds as the CPU core (csrc/neighbor_list.cpp).
 _CELL_LIST_MIN_ATOMS = 64
 _CELL_LIST_MIN_BINS = 27
 _PAD = 1e-9
-
-
-def _empty(positions: torch.Tensor, n: int, want_d: bool, want_v: bool):
-    dev, dt = positions.device, positions.dtype
-    return (
-        torch.empty(n, dtype=torch.int32, device=dev),
-        torch.empty(n, dtype=torch.int32, device=dev),
-        torch.empty(n, 3, dtype=torch.int16, device=dev),
-        torch.empty(n if want_d else 0, dtype=dt, device=dev),
-        torch.empty(n if want_v else 0, 3, dtype=dt, device=dev),
-    )
 
 
 def _segment_minmax(values: torch.Tensor, system: torch.Tensor, n_systems: int):
@@ -63,22 +53,7 @@ def _prepare(positions, cell, ptr, pbc, cutoff):
     num = ptr[1:] - ptr[:-1]
     system = torch.repeat_interleave(torch.arange(n_systems, device=dev), num, output_size=n_atoms)
 
-    L = cell.detach().to(torch.float64)
-    frac = torch.bmm(
-        positions.detach().to(torch.float64).unsqueeze(1), torch.linalg.inv(L)[system]
-    ).squeeze(1)
-    periodic = pbc[system]
-    off = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
-    frac = frac - off
-    wrap = periodic & (frac >= 1.0)  # f - floor(f) rounds to 1 for tiny negative f
-    frac = torch.where(wrap, frac - 1.0, frac)
-    off = off + wrap.to(off.dtype)
-    if bool((off.abs() > _INT16_MAX).any()):
-        raise ValueError(
-            "an atom lies more than 32767 cells outside its cell; image shifts are stored as "
-            "int16, wrap positions into the cell first"
-        )
-    xw = torch.bmm(frac.unsqueeze(1), L[system]).squeeze(1)
+    L, frac, off, xw = wrap_into_cells(positions, cell, system, pbc)
 
     # Plane spacings and the triangular frame (a along x, b in the xy plane).
     a, b, c = L[:, 0], L[:, 1], L[:, 2]
@@ -166,7 +141,7 @@ def _run_passes(core, stream, positions, cell, ptr, pbc, cutoff, self_interactio
     dev = positions.device
     n_atoms, n_systems = positions.shape[0], cell.shape[0]
     if n_atoms == 0 or n_systems == 0:
-        return _empty(positions, 0, want_d, want_v)
+        return empty_neighbor_outputs(positions, 0, want_d, want_v)
     ptr = ptr.to(device=dev, dtype=torch.int64)
     pbc = pbc.to(device=dev, dtype=torch.bool)
     buffers = _prepare(positions, cell, ptr, pbc, float(cutoff))
@@ -190,7 +165,7 @@ def _run_passes(core, stream, positions, cell, ptr, pbc, cutoff, self_interactio
                 "an image shift does not fit in int16: atoms lie too many cells apart; wrap "
                 "positions into the cell first"
             )
-        out = _empty(positions, n_pairs, want_d, want_v)
+        out = empty_neighbor_outputs(positions, n_pairs, want_d, want_v)
         found = torch.zeros(n_atoms, dtype=torch.int64, device=dev)
         if n_pairs:
             i, j, s, d, v = out

@@ -25,7 +25,7 @@ import torch
 
 from dao._checks import check_cutoff, check_systems
 from dao._ext import has_cuda_ext, has_triton, load_core
-from dao._types import NeighborList
+from dao._types import NeighborList, empty_neighbor_outputs
 from dao.reference import neighbor_list as _ref
 
 __all__ = ["NeighborList", "neighbor_list", "BACKENDS"]
@@ -37,17 +37,6 @@ _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 def _num_threads() -> int:
     env = os.environ.get("DAO_NUM_THREADS")
     return max(1, int(env)) if env else max(1, torch.get_num_threads())
-
-
-def _empty_outputs(positions: torch.Tensor, n: int, want_d: bool, want_v: bool):
-    dev, dt = positions.device, positions.dtype
-    return (
-        torch.empty(n, dtype=torch.int32, device=dev),
-        torch.empty(n, dtype=torch.int32, device=dev),
-        torch.empty(n, 3, dtype=torch.int16, device=dev),
-        torch.empty(n if want_d else 0, dtype=dt, device=dev),
-        torch.empty((n if want_v else 0), 3, dtype=dt, device=dev),
-    )
 
 
 def _run_cpp(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v):
@@ -68,7 +57,7 @@ def _run_cpp(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v
         bool(want_v),
         nt,
     )
-    out = _empty_outputs(positions, res.size(), want_d, want_v)
+    out = empty_neighbor_outputs(positions, res.size(), want_d, want_v)
     i, j, s, d, v = out
     res.copy_to(
         i.data_ptr(),
@@ -84,7 +73,7 @@ def _run_cpp(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v
 def _run_torch(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v):
     i, j, s = _ref.neighbor_pairs(positions, cell, ptr, pbc, cutoff, self_interaction)
     vec = _ref.pair_vectors(positions, cell, ptr, i, j, s)
-    out = _empty_outputs(positions, 0, False, False)
+    out = empty_neighbor_outputs(positions, 0, False, False)
     return (
         i.to(torch.int32),
         j.to(torch.int32),
@@ -178,7 +167,7 @@ def _(
     positions, cell, ptr, pbc, cutoff, self_interaction, return_distances, return_vectors, backend
 ):
     n = torch.library.get_ctx().new_dynamic_size()
-    return _empty_outputs(positions, n, return_distances, return_vectors)
+    return empty_neighbor_outputs(positions, n, return_distances, return_vectors)
 
 
 def _setup_context(ctx, inputs, output):

@@ -12,10 +12,45 @@ import torch
 from dao._checks import check_cutoff, check_systems
 from dao._types import NeighborList
 
-__all__ = ["neighbor_list", "neighbor_pairs"]
+__all__ = ["neighbor_list", "neighbor_pairs", "pair_vectors", "wrap_into_cells"]
 
 # Candidate (i, j, image) triples tested at once; bounds memory to ~100 MB.
 _CHUNK = 4_000_000
+
+
+def wrap_into_cells(
+    positions: torch.Tensor, cell: torch.Tensor, system: torch.Tensor, pbc: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Wrap atoms into their cells along periodic axes, in float64 (the GPU backends' pre-pass).
+
+    Args:
+        positions: [N, 3]; cell: [B, 3, 3]; system: [N] crystal of each atom; pbc: [B, 3].
+
+    Returns:
+        (L [B, 3, 3] float64, frac [N, 3] wrapped fractional coordinates, off [N, 3]
+        integer offsets (float64) with frac + off = the given fractional coordinates,
+        xw [N, 3] wrapped cartesian positions).
+
+    Raises:
+        ValueError: if an atom lies more than 32767 cells away (shifts are int16).
+    """
+    L = cell.detach().to(torch.float64)
+    frac = torch.bmm(
+        positions.detach().to(torch.float64).unsqueeze(1), torch.linalg.inv(L)[system]
+    ).squeeze(1)
+    periodic = pbc[system]
+    off = torch.where(periodic, torch.floor(frac), torch.zeros_like(frac))
+    frac = frac - off
+    wrap = periodic & (frac >= 1.0)  # f - floor(f) rounds to 1 for tiny negative f
+    frac = torch.where(wrap, frac - 1.0, frac)
+    off = off + wrap.to(off.dtype)
+    if bool((off.abs() > torch.iinfo(torch.int16).max).any()):
+        raise ValueError(
+            "an atom lies more than 32767 cells outside its cell; image shifts are stored as "
+            "int16, wrap positions into the cell first"
+        )
+    xw = torch.bmm(frac.unsqueeze(1), L[system]).squeeze(1)
+    return L, frac, off, xw
 
 
 def _pairs_one_system(
