@@ -1,6 +1,6 @@
 """A tiny training run used by the trainer tests (run as a script, also under torchrun).
 
-Usage: python toy_run.py OUT_DIR EPOCHS [--die-at-step K] [--sleep S]
+Usage: python toy_run.py OUT_DIR EPOCHS [--die-at-step K] [--init-from CKPT] [--lr LR]
 """
 
 import os
@@ -44,10 +44,13 @@ def main():
     out, epochs = sys.argv[1], int(sys.argv[2])
     die = int(sys.argv[sys.argv.index("--die-at-step") + 1]) if "--die-at-step" in sys.argv else -1
     torch.manual_seed(0)
+    init = sys.argv[sys.argv.index("--init-from") + 1] if "--init-from" in sys.argv else None
+    lr = float(sys.argv[sys.argv.index("--lr") + 1]) if "--lr" in sys.argv else 1e-2
     cfg = TrainConfig(
+        init_from=init,
         epochs=epochs,
         batch_size=8,
-        lr=1e-2,
+        lr=lr,
         warmup_steps=3,
         ckpt_every_steps=5,
         log_every_steps=1,

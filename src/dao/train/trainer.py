@@ -347,7 +347,9 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(loss):.4f}", epoch=self.epoch)
                 if self.step % self.cfg.log_every_steps == 0:
                     row = {
-                        k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1
+                        k: float(v.detach())
+                        for k, v in out.items()
+                        if torch.is_tensor(v) and v.numel() == 1
                     }
                     self._log(
                         {
