@@ -30,18 +30,14 @@ held-out test split (:data:`DEFAULT_POOL_FILES`), deduplicated by material_id.
 
 from __future__ import annotations
 
-import csv
 import functools
-import gzip
 import math
 import os
 import re
-import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -72,16 +68,10 @@ Counts = tuple[tuple[str, int], ...]  # sorted (symbol, count) pairs
 
 # ------------------------------------------------------------------------------ reading
 def read_csv_rows(path: str | os.PathLike) -> Iterator[dict[str, str]]:
-    """Rows of a CDVAE-format CSV (``.csv`` or ``.csv.gz``) as dicts."""
-    path = Path(path)
-    limit = csv.field_size_limit()
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # CIF strings are long fields
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", newline="") as f:
-            yield from csv.DictReader(f)
-    finally:
-        csv.field_size_limit(limit)
+    """Rows of a CDVAE-format CSV (``.csv`` or ``.csv.gz``) as dicts (the data layer's reader)."""
+    from dao.data.csv import read_csv_rows as _read  # noqa: PLC0415
+
+    return _read(path)[1]
 
 
 def parse_cif(cif: str):
