@@ -24,3 +24,14 @@ def _deterministic_threads():
     yield
     torch.set_num_threads(old)
 
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for tests of thousands of tiny ops (models, sampler): on a
+    shared 2-core machine a second thread only adds a barrier per op, and a busy core
+    turns each barrier into a ~10 ms stall. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

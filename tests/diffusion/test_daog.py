@@ -36,13 +36,7 @@ class Out(NamedTuple):
     energy: torch.Tensor | None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tests run thousands of tiny ops; intra-op threads only add contention.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _centred(x: torch.Tensor) -> torch.Tensor:

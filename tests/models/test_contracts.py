@@ -24,15 +24,7 @@ from dao.testing import (
     random_steps,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: a second intra-op thread only adds a barrier per op, and
-    # on a shared 2-core machine a busy core turns each barrier into a ~10 ms stall.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,14 +39,7 @@ SMALL = dict(num_layers=2, hidden=24, heads=3, num_freqs=5, time_dim=8, ffn_mult
 EXACT = dict(atol=1e-11, rtol=1e-10)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: a second intra-op thread only adds a barrier per op, and
-    # on a shared 2-core machine a busy core turns each barrier into a ~10 ms stall.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
