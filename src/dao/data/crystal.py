@@ -167,6 +167,18 @@ class CrystalBatch:
         )
 
     @classmethod
+    def _from_lists(cls, types, fracs, lats, nums, dtype: torch.dtype) -> CrystalBatch:
+        """From per-crystal numpy arrays (atomic numbers, fractional coords, lattice)."""
+        if not nums:
+            return cls.empty(dtype)
+        return cls(
+            torch.from_numpy(np.concatenate(types)),
+            torch.from_numpy(np.concatenate(fracs)).to(dtype),
+            torch.from_numpy(np.stack(lats)).to(dtype),
+            torch.tensor(nums, dtype=torch.int64),
+        )
+
+    @classmethod
     def from_structures(cls, structures, dtype: torch.dtype = torch.float64) -> CrystalBatch:
         """From pymatgen ``Structure`` objects (ordered: one element per site)."""
         types, fracs, lats, nums = [], [], [], []
@@ -180,14 +192,7 @@ class CrystalBatch:
             fracs.append(np.asarray(s.frac_coords, dtype=np.float64).reshape(-1, 3))
             lats.append(np.asarray(s.lattice.matrix, dtype=np.float64))
             nums.append(len(s))
-        if not nums:
-            return cls.empty(dtype)
-        return cls(
-            torch.from_numpy(np.concatenate(types)),
-            torch.from_numpy(np.concatenate(fracs)).to(dtype),
-            torch.from_numpy(np.stack(lats)).to(dtype),
-            torch.tensor(nums, dtype=torch.int64),
-        )
+        return cls._from_lists(types, fracs, lats, nums, dtype)
 
     @classmethod
     def from_atoms(cls, atoms_list, dtype: torch.dtype = torch.float64) -> CrystalBatch:
@@ -201,14 +206,7 @@ class CrystalBatch:
             fracs.append(np.asarray(a.get_scaled_positions(wrap=False), dtype=np.float64))
             lats.append(cell)
             nums.append(len(a))
-        if not nums:
-            return cls.empty(dtype)
-        return cls(
-            torch.from_numpy(np.concatenate(types)),
-            torch.from_numpy(np.concatenate(fracs)).to(dtype),
-            torch.from_numpy(np.stack(lats)).to(dtype),
-            torch.tensor(nums, dtype=torch.int64),
-        )
+        return cls._from_lists(types, fracs, lats, nums, dtype)
 
     def _split_numpy(self):
         ptr = self.ptr.tolist()
