@@ -43,3 +43,19 @@ def test_sample_resume_and_read_back(tiny_weights, tmp_path):
     gts = {r["material_id"]: parse_cif(r["cif"]) for r in read_csv_rows(gt)[1]}
     for mid, samples in preds.items():
         assert samples[0].composition == gts[mid].composition
+
+
+def test_resume_completes_a_crystal_cut_between_batches(tiny_weights, tmp_path):
+    gt = next(FIXTURES.glob("*test*.csv*"))
+    out = tmp_path / "pred.jsonl"
+    kw = {"weights": tiny_weights, "subset": 3, "seed": 2, "progress": False}
+    sample_test_set(gt, out, num_samples=3, batch_size=4, **kw)
+    full = [json.loads(x) for x in out.read_text().splitlines()]
+    # simulate a kill after the first batch of 4: crystal 2 has 1 of its 3 samples
+    out.write_text("".join(json.dumps(r) + "\n" for r in full[:4]) + '{"material_id": "to')
+    again = sample_test_set(gt, out, num_samples=3, batch_size=4, **kw)
+    assert again["structures"] == 5  # the 2 missing samples of crystal 2 and all of crystal 3
+    preds = load_predictions([out])
+    assert len(preds) == 3 and all(len(v) == 3 for v in preds.values())
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len({(r["material_id"], r["sample"]) for r in records}) == len(records) == 9

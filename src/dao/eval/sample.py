@@ -18,15 +18,27 @@ import torch
 __all__ = ["sample_test_set", "add_sample_parser"]
 
 
-def _done_ids(path: Path) -> set[str]:
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (left by a kill mid-write) so appends start clean."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _done_samples(path: Path) -> set[tuple[str, int]]:
+    """(material_id, sample index) pairs already written to ``path``."""
     done = set()
     if path.exists():
         with path.open() as f:
             for line in f:
                 try:
-                    done.add(json.loads(line)["material_id"])
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a torn last line from a kill: that crystal is redone
+                    rec = json.loads(line)
+                    done.add((rec["material_id"], int(rec.get("sample", 0))))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # a torn last line from a kill: that sample is redone
     return done
 
 
@@ -57,8 +69,9 @@ def sample_test_set(
     _, rows = read_csv_rows(gt_csv)
     rows = list(rows)
     rows = [rows[i] for i in subset_indices(len(rows), subset, seed)]
-    done = _done_ids(out)
-    todo = [r for r in rows if r["material_id"] not in done]
+    _drop_torn_tail(out)
+    done = _done_samples(out)
+    todo = [r for r in rows if any((r["material_id"], k) not in done for k in range(num_samples))]
     diffusion, _ = load_daog(weights, device)
     from dao.eval.baseline import parse_cif  # noqa: PLC0415
 
@@ -67,7 +80,11 @@ def sample_test_set(
         s = parse_cif(r["cif"])
         parse_formula(s.composition.reduced_formula)  # clear error for unusable elements
         z = sorted(site.specie.Z for site in s)
-        jobs.extend((r["material_id"], k, z) for k in range(num_samples))
+        jobs.extend(
+            (r["material_id"], k, z)
+            for k in range(num_samples)
+            if (r["material_id"], k) not in done
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     kwargs = {} if step_lr is None else {"step_lr": step_lr}
