@@ -11,6 +11,8 @@ namespace py = pybind11;
 
 namespace dao {
 void register_cuda(py::module_& m);  // csrc/cuda/bind_cuda.cpp or its stub
+void register_edge_attention(py::module_& m);  // csrc/edge_attention.cpp
+void register_diffusion_step(py::module_& m);  // csrc/diffusion_step.cpp
 }
 
 namespace {
@@ -72,5 +74,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("cell_list_min_atoms") = 0,
           "Periodic neighbour list of a batch of systems on the CPU (see neighbor_list.hpp).");
 
+    dao::register_edge_attention(m);
+    dao::register_diffusion_step(m);
     dao::register_cuda(m);
 }

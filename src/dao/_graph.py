@@ -1,0 +1,117 @@
+"""Pure-PyTorch pieces of the crystal graph shared by the models and the ops.
+
+A crystal's atoms form a fully connected directed graph with self pairs, no
+cutoff and no periodic images. ``edges[0]`` is the *source* (neighbour j),
+``edges[1]`` the *destination* (centre i); reductions run over the edges that
+share a destination. The edge feature of (i, j) uses Δf = (f_j − f_i) mod 1.
+
+This module sits below ``models/`` and ``reference/`` (it imports only torch), so
+the reference twins of the ops and the models build edges and features with the
+same code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "fourier_features",
+    "frac_diff",
+    "fully_connected_edges",
+    "lattice_gram",
+    "segment_logsumexp",
+    "segment_softmax",
+]
+
+
+def fully_connected_edges(batch: Tensor, num_crystals: int) -> Tensor:
+    """All ordered pairs (j, i) of atoms in the same crystal, self pairs included.
+
+    Args:
+        batch: [N] int64 crystal index of every atom, sorted (crystal after crystal).
+        num_crystals: B, the number of crystals (some may have no atoms).
+
+    Returns:
+        [2, E] int64 (src j, dst i) with E = Σ_b N_b², ordered by crystal, then
+        destination i, then source j; so each destination's edges are contiguous.
+    """
+    if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError("batch must be sorted: list each crystal's atoms together, in order")
+    device = batch.device
+    counts = torch.bincount(batch, minlength=num_crystals)
+    if counts.numel() > num_crystals:
+        raise ValueError(f"batch holds crystal indices >= num_crystals = {num_crystals}")
+    ptr = torch.cumsum(counts, 0) - counts  # first atom of each crystal
+    sq = counts * counts
+    crystal = torch.repeat_interleave(torch.arange(num_crystals, device=device), sq)
+    start = torch.cumsum(sq, 0) - sq
+    local = torch.arange(crystal.numel(), device=device) - start[crystal]
+    n = counts[crystal]
+    base = ptr[crystal]
+    dst = base + torch.div(local, n, rounding_mode="floor")
+    src = base + local % n
+    return torch.stack([src, dst])
+
+
+def frac_diff(frac_coords: Tensor, edges: Tensor) -> Tensor:
+    """[E, 3] Δf = (f_src − f_dst) mod 1 ∈ [0, 1) of every edge (j → i: f_j − f_i)."""
+    return torch.remainder(frac_coords[edges[0]] - frac_coords[edges[1]], 1.0)
+
+
+def lattice_gram(lattice: Tensor) -> Tensor:
+    """[B, 9] flattened L·Lᵀ (the O(3)-invariant metric of row-vector lattices)."""
+    return (lattice @ lattice.transpose(-1, -2)).reshape(-1, 9)
+
+
+# ------------------------------------------------------------- features
+
+
+def fourier_features(delta: Tensor, num_freqs: int) -> Tensor:
+    """Fourier features of fractional differences.
+
+    Args:
+        delta: [E, 3] fractional differences.
+        num_freqs: K; frequencies 2πk for k = 0..K−1.
+
+    Returns:
+        [E, 6K]: sin(2πkΔf_a) for (a, k) in row-major order (a = axis), then the cos
+        in the same order. The k = 0 columns are the constants 0 and 1; they are
+        kept because the feature width 6K is part of the architecture.
+    """
+    freqs = (2.0 * math.pi) * torch.arange(num_freqs, device=delta.device, dtype=delta.dtype)
+    x = (delta.unsqueeze(-1) * freqs).flatten(1)
+    return torch.cat([torch.sin(x), torch.cos(x)], dim=1)
+
+
+def segment_logsumexp(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    """[S, H] log Σ exp(scores) over the rows of ``scores`` [E, H] per segment
+    (``index`` [E]); -inf for empty segments."""
+    h = scores.shape[1]
+    idx = index.unsqueeze(1).expand(-1, h)
+    # The per-segment maximum only guards exp() against overflow; the result does
+    # not depend on it, so it takes no part in autograd.
+    with torch.no_grad():
+        smax = torch.full(
+            (num_segments, h), -torch.inf, dtype=scores.dtype, device=scores.device
+        ).scatter_reduce_(0, idx, scores.detach(), reduce="amax", include_self=True)
+        smax = torch.where(torch.isfinite(smax), smax, torch.zeros_like(smax))
+    denom = torch.zeros(num_segments, h, dtype=scores.dtype, device=scores.device)
+    denom = denom.index_add(0, index, torch.exp(scores - smax[index]))
+    return smax + torch.log(denom)
+
+
+def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
+    """Softmax of ``scores`` over the rows that share an ``index`` value.
+
+    Args:
+        scores: [E, H] logits.
+        index: [E] int64 segment (destination) of every row.
+        num_segments: number of segments S (rows of the reduction result).
+
+    Returns:
+        [E, H] weights; in every segment and column they sum to 1.
+    """
+    return torch.exp(scores - segment_logsumexp(scores, index, num_segments)[index])
