@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "attend_on_edges",
     "fourier_features",
     "frac_diff",
     "fully_connected_edges",
@@ -115,3 +116,16 @@ def segment_softmax(scores: Tensor, index: Tensor, num_segments: int) -> Tensor:
         [E, H] weights; in every segment and column they sum to 1.
     """
     return torch.exp(scores - segment_logsumexp(scores, index, num_segments)[index])
+
+
+def attend_on_edges(
+    q: Tensor, k: Tensor, v: Tensor, dst: Tensor, num_nodes: int, heads: int
+) -> Tensor:
+    """Multi-head attention on edges: q, k, v [E, h] (already per edge, q unscaled),
+    softmax over the edges of each destination ``dst`` [E] → [N, h]."""
+    e, h = q.shape
+    d = h // heads
+    scores = (q * k).view(e, heads, d).sum(-1) * (1.0 / math.sqrt(d))
+    alpha = segment_softmax(scores, dst, num_nodes)
+    weighted = (alpha.unsqueeze(-1) * v.view(e, heads, d)).view(e, h)
+    return torch.zeros(num_nodes, h, dtype=v.dtype, device=v.device).index_add(0, dst, weighted)

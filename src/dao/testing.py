@@ -362,17 +362,22 @@ def check_no_input_mutation(
         "batch": crystals.batch,
     }
     before = {k: (v.clone(), v._version) for k, v in inputs.items()}
+
+    def unchanged() -> None:
+        for k, v in inputs.items():
+            value, version = before[k]
+            if v._version != version:
+                raise AssertionError(f"input {k!r} was modified in place")
+            if not torch.equal(v, value):
+                raise AssertionError(f"input {k!r} changed")
+
     out = call_model(model, crystals, t)
+    unchanged()  # before the backward, which may itself fail on a mutated saved input
     if backward:
         total = sum(getattr(out, f).sum() for f in _FIELDS if getattr(out, f) is not None)
         if isinstance(total, Tensor) and total.requires_grad:
             total.backward()
-    for k, v in inputs.items():
-        value, version = before[k]
-        if v._version != version:
-            raise AssertionError(f"input {k!r} was modified in place")
-        if not torch.equal(v, value):
-            raise AssertionError(f"input {k!r} changed")
+        unchanged()
 
 
 def check_gradients_reach_parameters(

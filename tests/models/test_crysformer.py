@@ -181,7 +181,8 @@ def test_lattice_output_is_m_times_l(table, crystals):
 # ------------------------------------------------------------ fast == naive
 
 
-IMPLS = ["factorized", "projected"]
+IMPLS = ["fused", "factorized", "projected"]
+EDGE_LIST_IMPLS = ["factorized", "projected"]  # the paths that take any edge list
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -227,6 +228,18 @@ def test_unknown_edge_impl(table, crystals):
         call_model(model, crystals, random_steps(len(crystals)))
 
 
+def test_fused_refuses_an_edge_list(table, crystals):
+    model = _model(table)
+    model.edge_impl = "fused"
+    edges = fully_connected_edges(crystals.batch, len(crystals))
+    with pytest.raises(ValueError, match="edges=None"):
+        call_model(model, crystals, random_steps(len(crystals)), edges=edges)
+    model.edge_impl = "auto"  # takes a path that handles the edge list
+    out = call_model(model, crystals, random_steps(len(crystals), seed=4), edges=edges)
+    ref = call_model(model, crystals, random_steps(len(crystals), seed=4))
+    torch.testing.assert_close(out.coord, ref.coord, **EXACT)
+
+
 def test_subgraph_edges_fast_equals_naive(table, crystals):
     """Any edge list (here: a random subgraph, some atoms without incoming edges)
     gives the same result on every path."""
@@ -236,7 +249,7 @@ def test_subgraph_edges_fast_equals_naive(table, crystals):
     keep = torch.rand(edges.shape[1], generator=torch.Generator().manual_seed(3)) < 0.4
     sub = edges[:, keep]
     ref = call_model(model, crystals, t, edges=sub, naive=True)
-    for impl in IMPLS:
+    for impl in EDGE_LIST_IMPLS:
         model.edge_impl = impl
         out = call_model(model, crystals, t, edges=sub)
         torch.testing.assert_close(out.coord, ref.coord, **EXACT)
@@ -253,7 +266,7 @@ def test_layer_fast_attention_equals_reference(table, crystals):
     z = torch.nn.functional.layer_norm(raw, raw.shape[1:])
     pad = pad_by_destination(edges, crystals.num_nodes)
     x = torch.randn(crystals.num_nodes, model.config.hidden, dtype=torch.float64)
-    ref = reference_edge_attention(layer, x, raw, edges)
+    ref = reference_edge_attention(layer, x, crystals.frac_coords, crystals.lattice, crystals.batch)
     torch.testing.assert_close(layer.attention(x, z[pad.index], pad), ref, **EXACT)
     w, b = layer.folded_edge_projection()
     e = torch.nn.functional.linear(z, w, b)
@@ -268,7 +281,7 @@ def test_given_edges(table, crystals):
     ref = call_model(model, crystals, t)
     shuffled = edges[:, torch.randperm(edges.shape[1], generator=torch.Generator().manual_seed(0))]
     for e in (edges, shuffled):
-        for impl in (*IMPLS, "naive"):
+        for impl in (*EDGE_LIST_IMPLS, "naive"):
             model.edge_impl = impl if impl != "naive" else "factorized"
             out = call_model(model, crystals, t, edges=e, naive=impl == "naive")
             torch.testing.assert_close(out.coord, ref.coord, **EXACT)

@@ -10,7 +10,13 @@ second gated residual. Edge embedding: e_ij = Linear(LayerNorm([φ(Δf_ij), L·L
 
 Three implementations of the same function live here, all on the same parameters:
 
-* the fast paths share exact rewrites: q, k, v are projected on the N nodes and
+* ``edge_impl = "fused"`` calls the fused op :func:`dao.ops.edge_attention.edge_attention`
+  per layer: the pair loop runs in a C++ kernel (CPU) or a Triton kernel (GPU) that
+  builds every edge's features on the fly and never stores them, in the forward
+  or the backward. ``"auto"`` (default) takes it on CPU tensors and
+  ``"factorized"`` on GPU tensors (the Triton kernel has been checked in Triton's
+  interpreter only, so far).
+* the other fast paths share exact rewrites: q, k, v are projected on the N nodes and
   then gathered (never projected on the E edges); φ(Δf) and L·Lᵀ are built once per
   forward; the LayerNorm statistics of the edge features are the same in every
   layer, so the features are normalised once (z) and each layer's LayerNorm affine
@@ -40,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dao._graph import attend_on_edges
 from dao.models.common import (
     GatedResidual,
     ModelOutput,
@@ -47,16 +54,15 @@ from dao.models.common import (
     PaddedEdges,
     check_model_inputs,
     default_atom_features,
-    edge_crystal_index,
-    fourier_features,
-    frac_diff,
     fully_connected_edges,
     lattice_gram,
     pad_by_destination,
-    segment_softmax,
     sinusoidal_time_embedding,
 )
 from dao.models.config import CrysformerConfig
+from dao.ops.edge_attention import edge_attention
+from dao.reference.edge_attention import edge_attention as reference_attention
+from dao.reference.edge_attention import edge_raw_features
 
 __all__ = ["Crysformer", "CrysformerLayer", "crysformer_edge_features", "reference_edge_attention"]
 
@@ -65,19 +71,7 @@ def crysformer_edge_features(
     frac_coords: Tensor, lattice: Tensor, batch: Tensor, edges: Tensor, num_freqs: int
 ) -> Tensor:
     """Raw edge features [E, 6K + 9] = [φ(Δf_ij), (L·Lᵀ)_flat of the edge's crystal]."""
-    phi = fourier_features(frac_diff(frac_coords, edges), num_freqs)
-    gram = lattice_gram(lattice)[edge_crystal_index(batch, edges)]
-    return torch.cat([phi, gram], dim=1)
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, dst: Tensor, num_nodes: int, heads: int) -> Tensor:
-    """Multi-head attention on edges: q, k, v [E, h] (already per edge) → [N, h]."""
-    e, h = q.shape
-    d = h // heads
-    scores = (q * k).view(e, heads, d).sum(-1) * (1.0 / math.sqrt(d))
-    alpha = segment_softmax(scores, dst, num_nodes)
-    weighted = (alpha.unsqueeze(-1) * v.view(e, heads, d)).view(e, h)
-    return torch.zeros(num_nodes, h, dtype=v.dtype, device=v.device).index_add(0, dst, weighted)
+    return edge_raw_features(frac_coords, lattice_gram(lattice), batch, edges, num_freqs)
 
 
 class CrysformerLayer(nn.Module):
@@ -87,6 +81,7 @@ class CrysformerLayer(nn.Module):
         super().__init__()
         h = config.hidden
         self.heads = config.heads
+        self.num_freqs = config.num_freqs
         self.attn_norm = nn.LayerNorm(h)
         self.q_proj = nn.Linear(h, h)
         self.kv_proj = nn.Linear(h, 2 * h)
@@ -164,7 +159,33 @@ class CrysformerLayer(nn.Module):
         hn = self.attn_norm(x)
         q = self.q_proj(hn)
         k, v = self.kv_proj(hn).chunk(2, dim=-1)
-        out = _attend(q[dst], k[src] + edge_emb, v[src] + edge_emb, dst, x.shape[0], self.heads)
+        kk, vv = k[src] + edge_emb, v[src] + edge_emb
+        out = attend_on_edges(q[dst], kk, vv, dst, x.shape[0], self.heads)
+        return self.out_proj(out)
+
+    def attention_fused(
+        self, x: Tensor, frac_coords: Tensor, lattice: Tensor, batch: Tensor
+    ) -> Tensor:
+        """Fast attention through the fused op :func:`dao.ops.edge_attention.edge_attention`
+        (no per-edge tensor in memory, in the forward or the backward)."""
+        hn = self.attn_norm(x)
+        q = self.q_proj(hn)
+        k, v = self.kv_proj(hn).chunk(2, dim=-1)
+        out = edge_attention(
+            q,
+            k,
+            v,
+            frac_coords,
+            lattice,
+            batch,
+            self.edge_proj.weight,
+            self.edge_proj.bias,
+            self.edge_norm.weight,
+            self.edge_norm.bias,
+            self.heads,
+            self.num_freqs,
+            self.edge_norm.eps,
+        )
         return self.out_proj(out)
 
     def finish(self, x: Tensor, attn: Tensor) -> Tensor:
@@ -179,28 +200,46 @@ class CrysformerLayer(nn.Module):
 
 
 def reference_edge_attention(
-    layer: CrysformerLayer, x: Tensor, edge_raw: Tensor, edges: Tensor
+    layer: CrysformerLayer,
+    x: Tensor,
+    frac_coords: Tensor,
+    lattice: Tensor,
+    batch: Tensor,
+    edges: Tensor | None = None,
 ) -> Tensor:
     """The attention block of ``layer`` as the equations read (the naive twin).
 
-    LayerNorm and Linear on the raw [E, 6K + 9] edge features, node features
-    gathered onto the edges before the q / kv projections.
+    The node projections, then :func:`dao.reference.edge_attention.edge_attention`
+    with the layer's edge LayerNorm and Linear (per-edge features materialised).
 
     Args:
         layer: the layer whose parameters to use.
         x: [N, h] node features (before the block's LayerNorm).
-        edge_raw: [E, 6K + 9] raw edge features (:func:`crysformer_edge_features`).
-        edges: [2, E] (src j, dst i).
+        frac_coords: [N, 3]; lattice: [B, 3, 3]; batch: [N] sorted crystal index.
+        edges: [2, E] (src j, dst i); default the fully connected graph.
 
     Returns:
         [N, h] the attention block's output (before dropout and the gated residual).
     """
-    src, dst = edges[0], edges[1]
-    e = layer.edge_proj(layer.edge_norm(edge_raw))
     hn = layer.attn_norm(x)
-    q = layer.q_proj(hn[dst])
-    k, v = layer.kv_proj(hn[src]).chunk(2, dim=-1)
-    return layer.out_proj(_attend(q, k + e, v + e, dst, x.shape[0], layer.heads))
+    k, v = layer.kv_proj(hn).chunk(2, dim=-1)
+    out = reference_attention(
+        layer.q_proj(hn),
+        k,
+        v,
+        frac_coords,
+        lattice,
+        batch,
+        layer.edge_proj.weight,
+        layer.edge_proj.bias,
+        layer.edge_norm.weight,
+        layer.edge_norm.bias,
+        layer.heads,
+        layer.num_freqs,
+        layer.edge_norm.eps,
+        edges=edges,
+    )
+    return layer.out_proj(out)
 
 
 class Crysformer(nn.Module):
@@ -213,9 +252,9 @@ class Crysformer(nn.Module):
             Default: :func:`dao.data.atom_features.atom_features`.
 
     Attributes:
-        edge_impl: which fast path ``forward`` runs, ``"factorized"`` (default) or
-            ``"projected"`` (see the module docstring); set it freely, the result is
-            the same up to rounding.
+        edge_impl: which fast path ``forward`` runs: ``"auto"`` (default), ``"fused"``,
+            ``"factorized"`` or ``"projected"`` (see the module docstring); set it
+            freely, the result is the same up to rounding.
     """
 
     def __init__(self, config: CrysformerConfig, atom_features: Tensor | None = None) -> None:
@@ -236,8 +275,9 @@ class Crysformer(nn.Module):
         self.heads = OutputHeads(
             h, coord=config.coord_head, lattice=config.lattice_head, energy=config.energy_head
         )
-        #: Fast-path variant (same result, different speed): "factorized" or "projected".
-        self.edge_impl = "factorized"
+        #: Fast-path variant (same result, different speed): "auto", "fused",
+        #: "factorized" or "projected".
+        self.edge_impl = "auto"
 
     def _embed_nodes(self, atom_types: Tensor, t: Tensor, batch: Tensor) -> Tensor:
         feats = self.atom_features[atom_types]
@@ -274,18 +314,32 @@ class Crysformer(nn.Module):
         check_model_inputs(atom_types, frac_coords, lattice, t, batch)
         dtype = self.atom_embed.weight.dtype
         frac_coords, lattice = frac_coords.to(dtype), lattice.to(dtype)
-        if edges is None:
-            edges = fully_connected_edges(batch, lattice.shape[0])
         x = self._embed_nodes(atom_types, t, batch)
         k = self.config.num_freqs
         impl = "naive" if naive else self.edge_impl
-        if impl not in ("factorized", "projected", "naive"):
-            raise ValueError(f"edge_impl must be 'factorized' or 'projected', got {impl!r}")
-        if impl == "naive":
+        if impl == "auto":
+            on_cpu = frac_coords.device.type == "cpu"
+            impl = "fused" if on_cpu and edges is None else "factorized"
+        if impl == "fused" and edges is not None:
+            raise ValueError(
+                "edge_impl 'fused' builds the fully connected graph itself: call the model "
+                "with edges=None, or pick 'factorized' for a custom edge list"
+            )
+        if impl not in ("fused", "factorized", "projected", "naive"):
+            raise ValueError(
+                f"edge_impl must be 'auto', 'fused', 'factorized' or 'projected', got {impl!r}"
+            )
+        if impl != "fused" and edges is None:
+            edges = fully_connected_edges(batch, lattice.shape[0])
+        if impl == "fused":
             for layer in self.layers:
-                # Deliberately rebuilt per layer: the reference does all edge work per layer.
-                edge_raw = crysformer_edge_features(frac_coords, lattice, batch, edges, k)
-                x = layer.finish(x, reference_edge_attention(layer, x, edge_raw, edges))
+                x = layer.finish(x, layer.attention_fused(x, frac_coords, lattice, batch))
+        elif impl == "naive":
+            for layer in self.layers:
+                # The reference does all edge work per layer, features included.
+                x = layer.finish(
+                    x, reference_edge_attention(layer, x, frac_coords, lattice, batch, edges)
+                )
         elif self.layers:
             edge_raw = crysformer_edge_features(frac_coords, lattice, batch, edges, k)
             # LayerNorm statistics are shared by all layers: normalise once, and let

@@ -239,7 +239,7 @@ def _check_core(q, k, v, u, frac, gram, batch, num_freqs) -> None:
         raise ValueError(f"u must be [N, H, 6K + 9] = {[n, heads, dim]}, got {list(u.shape)}")
     if frac.shape != (n, 3):
         raise ValueError(f"frac must be [N, 3] = {[n, 3]}, got {list(frac.shape)}")
-    if gram.dim() not in (2, 3) or gram.reshape(gram.shape[0], -1).shape[1] != 9:
+    if gram.shape[1:] not in ((9,), (3, 3)):
         raise ValueError(f"gram must be [B, 9] or [B, 3, 3], got {list(gram.shape)}")
     if batch.shape != (n,) or batch.dtype.is_floating_point:
         raise ValueError(f"batch must be an integer [N] = [{n}] tensor, got {list(batch.shape)}")
@@ -321,7 +321,9 @@ def edge_attention(
         [N, h] attention output (before the layer's output projection).
     """
     if q.dim() != 2 or q.shape[1] % heads:
-        raise ValueError(f"q must be [N, h] with h divisible by heads = {heads}, got {list(q.shape)}")
+        raise ValueError(
+            f"q must be [N, h] with h divisible by heads = {heads}, got {list(q.shape)}"
+        )
     n, h = q.shape
     d = h // heads
     dim = 6 * num_freqs + 9

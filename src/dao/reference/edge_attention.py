@@ -22,18 +22,16 @@ pairs included; Δf_ij = (f_j − f_i) mod 1.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from dao._graph import (
+    attend_on_edges,
     fourier_features,
     frac_diff,
     fully_connected_edges,
     lattice_gram,
     segment_logsumexp,
-    segment_softmax,
 )
 
 __all__ = ["edge_attention", "edge_attention_core", "edge_raw_features", "normalized_edge_features"]
@@ -107,6 +105,8 @@ def edge_attention(
     heads: int,
     num_freqs: int,
     eps: float = 1e-5,
+    *,
+    edges: Tensor | None = None,
 ) -> Tensor:
     """A Crysformer layer's edge attention, naive (per-edge features materialised).
 
@@ -119,20 +119,16 @@ def edge_attention(
         edge_weight: [h, 6K + 9], edge_bias: [h] (the edge Linear).
         norm_weight, norm_bias: [6K + 9] (the edge LayerNorm affine).
         heads: H; num_freqs: K; eps: LayerNorm epsilon.
+        edges: [2, E] (src j, dst i), any edge list; default the fully connected
+            graph of every crystal (the graph the fused op implements).
 
     Returns:
         [N, h] attention output (before the output projection).
     """
-    n, h = q.shape
-    d = h // heads
-    edges = fully_connected_edges(batch, lattice.shape[0])
+    if edges is None:
+        edges = fully_connected_edges(batch, lattice.shape[0])
     src, dst = edges[0], edges[1]
     raw = edge_raw_features(frac, lattice_gram(lattice), batch, edges, num_freqs)
     e = torch.nn.functional.layer_norm(raw, raw.shape[1:], norm_weight, norm_bias, eps)
     e = torch.nn.functional.linear(e, edge_weight, edge_bias)
-    kk = (k[src] + e).view(-1, heads, d)
-    vv = (v[src] + e).view(-1, heads, d)
-    s = (q[dst].view(-1, heads, d) * kk).sum(-1) / math.sqrt(d)
-    alpha = segment_softmax(s, dst, n)
-    out = torch.zeros(n, heads, d, dtype=q.dtype, device=q.device)
-    return out.index_add(0, dst, alpha.unsqueeze(-1) * vv).view(n, h)
+    return attend_on_edges(q[dst], k[src] + e, v[src] + e, dst, q.shape[0], heads)

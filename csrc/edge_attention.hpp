@@ -1,0 +1,77 @@
+// Fused Crysformer edge attention on the CPU (torch-free).
+//
+// Contract (the Python op dao::edge_attention_core, src/dao/ops/edge_attention.py):
+// N atoms of B crystals stored crystal after crystal, ptr[B + 1] the first atom of
+// each crystal. For every ordered pair (j -> i) of atoms of one crystal (self pairs
+// included) and head h:
+//
+//   z_ij = LayerNorm_no_affine([sin 2πkΔ_a, cos 2πkΔ_a, gram_c]),  Δ = (f_j − f_i) mod 1
+//          (sin block a-major: index a·K + k; cos block at 3K + a·K + k; gram at 6K)
+//   s_ij = q_i·k_j + u_i·z_ij           (q and u already scaled by 1/sqrt(d))
+//   α_ij = softmax_j s_ij
+//   o_i = Σ_j α_ij v_j,  y_i = Σ_j α_ij z_ij,  lse_i = log Σ_j exp s_ij
+//
+// Shapes (row-major, contiguous): q, k, v, o [N, H, d]; u, y [N, H, D] with
+// D = 6K + 9; lse [N, H]; frac [N, 3]; gram [B, 9]. The backward takes the
+// gradients of o and y and returns those of q, k, v, u, frac and gram.
+// Nothing per edge is written to memory: features are recomputed per centre atom
+// into a small thread-local buffer (forward and backward).
+#pragma once
+
+#include <cstdint>
+
+namespace dao {
+namespace ea {
+
+enum class DType : int { F32 = 0, F64 = 1 };
+
+struct Shape {
+    int64_t n_atoms = 0;
+    int64_t n_crystals = 0;
+    int64_t heads = 0;
+    int64_t d = 0;          // head width
+    int64_t dim = 0;        // D = 6K + 9
+    int64_t num_freqs = 0;  // K
+    double eps = 1e-5;      // LayerNorm epsilon
+};
+
+struct ForwardArgs {
+    const void* q;
+    const void* k;
+    const void* v;
+    const void* u;
+    const void* frac;
+    const void* gram;
+    const int64_t* ptr;
+    void* o;
+    void* y;
+    void* lse;
+};
+
+struct BackwardArgs {
+    const void* grad_o;
+    const void* grad_y;
+    const void* q;
+    const void* k;
+    const void* v;
+    const void* u;
+    const void* frac;
+    const void* gram;
+    const int64_t* ptr;
+    const void* o;
+    const void* y;
+    const void* lse;
+    void* dq;
+    void* dk;
+    void* dv;
+    void* du;
+    void* dfrac;
+    void* dgram;
+};
+
+// Throws std::invalid_argument on inconsistent sizes.
+void forward(const Shape& shape, DType dtype, const ForwardArgs& args, int num_threads);
+void backward(const Shape& shape, DType dtype, const BackwardArgs& args, int num_threads);
+
+}  // namespace ea
+}  // namespace dao
