@@ -78,8 +78,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _crystal_ptr(batch: Tensor, num_crystals: int) -> Tensor:
-    counts = torch.bincount(batch, minlength=num_crystals)
-    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    """[B + 1] first atom of every crystal (static shape: traceable by torch.compile)."""
+    bounds = torch.arange(num_crystals + 1, device=batch.device, dtype=batch.dtype)
+    return torch.searchsorted(batch, bounds)
 
 
 # ------------------------------------------------------------------ backends
@@ -251,6 +252,8 @@ def _check_core(q, k, v, u, frac, gram, batch, num_freqs) -> None:
         )
     if len({t.device for t in (*floats, batch)}) != 1:
         raise ValueError("all inputs must be on the same device")
+    if torch.compiler.is_compiling():
+        return  # the value checks below would break the graph; eager calls run them
     if n and (int(batch.min()) < 0 or int(batch.max()) >= gram.shape[0]):
         raise ValueError(f"batch holds crystal indices outside [0, {gram.shape[0]})")
     if n > 1 and bool((batch[1:] < batch[:-1]).any()):
