@@ -1,0 +1,213 @@
+"""Crysformer training cost: reference edge attention vs torch.compile vs the fused op.
+
+Providers (same model, same weights, same batch, side by side in one run):
+
+* ``reference``: the naive per-layer path (``edge_impl = "naive"``: per-edge features,
+  LayerNorm and Linear materialised in every layer), eager;
+* ``reference+compile``: the same under ``torch.compile`` (inductor, static shapes);
+* ``factorized``: the earlier pure-PyTorch fast path (informational);
+* ``fused``: the fused op (``edge_impl = "fused"``; C++ kernels on CPU).
+
+Models: the shipped size (4 layers, 128, 4 heads, K = 32) and the paper size (12,
+384, 8, 128). Batches: real crystals, the first B of ``mp_20_pilot/val`` (<= 20
+atoms) and of ``mpts_52/val`` (<= 52 atoms) from ../shared/data. Measured per
+provider: forward (the DAO-G loss, with autograd recording), backward, a full
+training step (forward + backward + Adam), and the peak heap growth during one
+training step (glibc ``mallinfo2`` sampled every 0.2 ms from a watcher thread).
+Times are medians of ``--repeats`` runs after a warm-up step.
+
+Run (rows go to benchmarks/results/edge_attention.csv)::
+
+    python benchmarks/bench_edge_attention.py [--threads 2] [--repeats 5] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime as dt
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
+
+DATA = _harness.REPO_ROOT.parent / "shared" / "data"
+SIZES = {
+    "shipped": dict(num_layers=4, hidden=128, heads=4, num_freqs=32),
+    "paper": dict(num_layers=12, hidden=384, heads=8, num_freqs=128),
+}
+# (CSV, crystals per batch for the shipped size, for the paper size)
+WORKLOADS = {
+    "mp20": ("mp_20_pilot/val.csv.gz", 64, 16),
+    "mpts52": ("mpts_52/val.csv.gz", 16, 4),
+}
+PROVIDERS = ("reference", "reference+compile", "factorized", "fused")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def _heap_in_use() -> int:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    m = libc.mallinfo2()
+    return int(m.uordblks + m.hblkhd)
+
+
+def peak_heap_growth(fn, period: float = 2e-4) -> int:
+    """Bytes: the highest heap use seen while ``fn()`` runs, minus the use before."""
+    base = _heap_in_use()
+    peak = [base]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _heap_in_use())
+            time.sleep(period)
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        th.join()
+    return max(peak[0], _heap_in_use()) - base
+
+
+def load_batch(csv_name: str, n: int):
+    from dao.data.crystal import CrystalBatch  # noqa: PLC0415
+    from dao.data.csv import load_csv  # noqa: PLC0415
+
+    data = load_csv(DATA / csv_name, progress=False)
+    counts = data.num_atoms[:n]
+    atoms = int(counts.sum())
+    return CrystalBatch(
+        torch.as_tensor(data.atom_types[:atoms], dtype=torch.int64),
+        torch.as_tensor(data.frac_coords[:atoms], dtype=torch.float32),
+        torch.as_tensor(data.lattice[:n], dtype=torch.float32),
+        torch.as_tensor(counts, dtype=torch.int64),
+    )
+
+
+def make_diffusion(size: str, provider: str):
+    from dao.pretrained import build_diffusion  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    diff = build_diffusion({"model": {"model": "crysformer", **SIZES[size]}})
+    diff.model.edge_impl = "naive" if provider.startswith("reference") else provider
+    if provider == "reference+compile":
+        diff.model = torch.compile(diff.model, dynamic=False)
+    return diff
+
+
+def measure(size: str, wl: str, provider: str, batch, repeats: int) -> dict:
+    diff = make_diffusion(size, provider)
+    opt = torch.optim.Adam(diff.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+
+    def forward():
+        gen.manual_seed(0)
+        return diff.loss(batch, gen)["loss"]
+
+    def step():
+        loss = forward()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    step()  # warm-up (and compilation)
+    warm = time.perf_counter() - t0
+    fwd, bwd, full = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loss = forward()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+        t0 = time.perf_counter()
+        step()
+        full.append(time.perf_counter() - t0)
+    mem = peak_heap_growth(step)
+    return {
+        "forward_ms": 1e3 * statistics.median(fwd),
+        "backward_ms": 1e3 * statistics.median(bwd),
+        "train_step_ms": 1e3 * statistics.median(full),
+        "peak_mem_mb": mem / 1e6,
+        "warmup_s": warm,
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=_harness.DEFAULT_THREADS)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="shipped size, MP-20 only, 2 repeats")
+    p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    p.add_argument(
+        "--out", default=str(_harness.REPO_ROOT / "benchmarks/results/edge_attention.csv")
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sizes = ["shipped"] if args.quick else list(SIZES)
+    wls = ["mp20"] if args.quick else list(WORKLOADS)
+    repeats = 2 if args.quick else args.repeats
+    facts = _harness.machine_facts(args.threads, _harness.load_avg())
+    git = facts.get("git") or {}
+    commit = (git.get("id") or "") + ("+dirty" if git.get("dirty") else "")
+    rows = []
+    for size in sizes:
+        for wl in wls:
+            csv_name, n_shipped, n_paper = WORKLOADS[wl]
+            batch = load_batch(csv_name, n_shipped if size == "shipped" else n_paper)
+            edges = int((batch.num_atoms**2).sum())
+            for provider in args.providers:
+                res = measure(size, wl, provider, batch, repeats)
+                row = {
+                    "model": size,
+                    "workload": wl,
+                    "crystals": len(batch.num_atoms),
+                    "atoms": int(batch.num_atoms.sum()),
+                    "edges": edges,
+                    "provider": provider,
+                    **{k: round(v, 3) for k, v in res.items()},
+                    "threads": args.threads,
+                    "device": facts["cpu"],
+                    "torch": torch.__version__,
+                    "commit": commit,
+                    "load_avg_1min": _harness.load_avg()[0],
+                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                }
+                rows.append(row)
+                print({k: row[k] for k in ("model", "workload", "provider", "forward_ms",
+                                           "backward_ms", "train_step_ms", "peak_mem_mb")},
+                      flush=True)  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()

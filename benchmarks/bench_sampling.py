@@ -1,0 +1,156 @@
+"""DAO-G sampling throughput: reference vs fused, structures per second.
+
+Providers (same weights, same compositions, same generator, side by side in one run):
+
+* ``reference``: naive edge attention (``edge_impl = "naive"``) and the pure-PyTorch
+  twins of the diffusion steps (``step_backend = "torch"``);
+* ``factorized``: the earlier pure-PyTorch fast attention, fused steps (informational);
+* ``fused``: the fused edge-attention op and the fused steps (the defaults);
+* ``fused+cuda_graph``: the fused path captured in a CUDA graph (GPU only).
+
+Models: the shipped weights (4 layers, 128, K = 32) and a randomly initialised
+paper-size Crysformer (12, 384, 8 heads, K = 128; same cost as a trained one).
+Compositions: the first B crystals of ``mp_20_pilot/test`` (<= 20 atoms) and of
+``mpts_52/val`` (<= 52 atoms), from ../shared/data.
+
+A full sample is T = 1,000 predictor-corrector steps that all cost the same, so
+each provider runs ``--steps`` of them (the first one untimed) and structures/s
+= B / (T · seconds per step); the sampler is stopped through its callback.
+
+Run (rows go to benchmarks/results/sampling.csv)::
+
+    python benchmarks/bench_sampling.py [--threads 2] [--steps 12] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402
+
+DATA = _harness.REPO_ROOT.parent / "shared" / "data"
+PAPER = dict(num_layers=12, hidden=384, heads=8, num_freqs=128)
+# (CSV, crystals for the shipped model, for the paper-size model)
+WORKLOADS = {
+    "mp20": ("mp_20_pilot/test.csv.gz", 100, 16),
+    "mpts52": ("mpts_52/val.csv.gz", 25, 4),
+}
+PROVIDERS = ("reference", "factorized", "fused", "fused+cuda_graph")
+
+
+class _Stop(Exception):
+    pass
+
+
+def compositions(csv_name: str, n: int):
+    from dao.data.csv import load_csv  # noqa: PLC0415
+
+    data = load_csv(DATA / csv_name, progress=False)
+    counts = data.num_atoms[:n]
+    types = torch.as_tensor(data.atom_types[: int(counts.sum())], dtype=torch.int64)
+    return types, torch.as_tensor(counts, dtype=torch.int64)
+
+
+def make_diffusion(model: str, device: str):
+    from dao.pretrained import build_diffusion, load_daog  # noqa: PLC0415
+
+    if model == "shipped":
+        diff, _ = load_daog(device=device)
+    else:
+        torch.manual_seed(0)
+        diff = build_diffusion({"model": {"model": "crysformer", **PAPER}}).to(device).eval()
+    return diff
+
+
+def seconds_per_step(diff, types, nums, provider: str, steps: int, device: str) -> float:
+    impl = {"reference": "naive", "factorized": "factorized"}.get(provider, "fused")
+    diff.model.edge_impl = impl
+    kwargs = {"step_backend": "torch"} if provider == "reference" else {}
+    if provider == "fused+cuda_graph":
+        kwargs["cuda_graph"] = True
+    stamps: list[float] = []
+
+    def callback(_s, _state):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        if len(stamps) == steps:
+            raise _Stop
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    try:
+        diff.sample(types.to(device), nums.to(device), generator=gen, callback=callback, **kwargs)
+    except _Stop:
+        pass
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return statistics.median(gaps)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=_harness.DEFAULT_THREADS)
+    p.add_argument("--steps", type=int, default=12, help="steps run per provider (>= 3)")
+    p.add_argument("--quick", action="store_true", help="shipped model, MP-20 only, 4 steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    p.add_argument("--out", default=str(_harness.REPO_ROOT / "benchmarks/results/sampling.csv"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = 4 if args.quick else max(3, args.steps)
+    models = ["shipped"] if args.quick else ["shipped", "paper"]
+    wls = ["mp20"] if args.quick else list(WORKLOADS)
+    facts = _harness.machine_facts(args.threads, _harness.load_avg())
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else facts["cpu"]
+    git = facts.get("git") or {}
+    commit = (git.get("id") or "") + ("+dirty" if git.get("dirty") else "")
+    rows = []
+    for model in models:
+        diff = make_diffusion(model, args.device)
+        for wl in wls:
+            csv_name, n_shipped, n_paper = WORKLOADS[wl]
+            types, nums = compositions(csv_name, n_shipped if model == "shipped" else n_paper)
+            for provider in args.providers:
+                if provider == "fused+cuda_graph" and args.device != "cuda":
+                    continue
+                sec = seconds_per_step(diff, types, nums, provider, steps, args.device)
+                per_s = len(nums) / (diff.timesteps * sec)
+                row = {
+                    "model": model,
+                    "workload": wl,
+                    "crystals": len(nums),
+                    "atoms": int(nums.sum()),
+                    "provider": provider,
+                    "ms_per_step": round(1e3 * sec, 3),
+                    "structures_per_s": round(per_s, 5),
+                    "s_per_structure": round(1.0 / per_s, 3),
+                    "steps_timed": steps - 1,
+                    "threads": args.threads,
+                    "device": device_name,
+                    "torch": torch.__version__,
+                    "commit": commit,
+                    "load_avg_1min": _harness.load_avg()[0],
+                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                }
+                rows.append(row)
+                print({k: row[k] for k in ("model", "workload", "provider", "ms_per_step",
+                                           "structures_per_s")}, flush=True)  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+if __name__ == "__main__":
+    main()
