@@ -252,8 +252,8 @@ def _check_core(q, k, v, u, frac, gram, batch, num_freqs) -> None:
         )
     if len({t.device for t in (*floats, batch)}) != 1:
         raise ValueError("all inputs must be on the same device")
-    if torch.compiler.is_compiling():
-        return  # the value checks below would break the graph; eager calls run them
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # value checks would break a compiled or captured graph; eager calls run them
     if n and (int(batch.min()) < 0 or int(batch.max()) >= gram.shape[0]):
         raise ValueError(f"batch holds crystal indices outside [0, {gram.shape[0]})")
     if n > 1 and bool((batch[1:] < batch[:-1]).any()):
