@@ -59,3 +59,16 @@ def test_resume_completes_a_crystal_cut_between_batches(tiny_weights, tmp_path):
     assert len(preds) == 3 and all(len(v) == 3 for v in preds.values())
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert len({(r["material_id"], r["sample"]) for r in records}) == len(records) == 9
+
+
+def test_shards_split_the_job(tiny_weights, tmp_path):
+    gt = next(FIXTURES.glob("*test*.csv*"))
+    kw = {"weights": tiny_weights, "subset": 5, "seed": 3, "progress": False, "num_samples": 1}
+    outs = [tmp_path / f"p{k}.jsonl" for k in range(2)]
+    infos = [sample_test_set(gt, outs[k], shard=(k, 2), **kw) for k in range(2)]
+    assert [i["crystals"] for i in infos] == [3, 2]
+    ids = [{json.loads(x)["material_id"] for x in o.read_text().splitlines()} for o in outs]
+    assert not ids[0] & ids[1]
+    assert len(load_predictions(outs)) == 5
+    with pytest.raises(ValueError, match="shard"):
+        sample_test_set(gt, tmp_path / "x.jsonl", shard=(2, 2), **kw)

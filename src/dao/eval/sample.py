@@ -54,8 +54,13 @@ def sample_test_set(
     step_lr: float | None = None,
     device: str = "cpu",
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> dict:
     """Write ``num_samples`` DAO-G samples per test crystal to ``out`` (JSONL).
+
+    ``shard = (k, n)`` keeps every n-th crystal of the (subset) list starting at k,
+    so n processes with their own ``out`` files split one job; ``dao evaluate``
+    reads several prediction files at once.
 
     Returns:
         {"crystals": sampled now, "seconds": wall time, "seconds_per_structure": ...}.
@@ -69,6 +74,11 @@ def sample_test_set(
     _, rows = read_csv_rows(gt_csv)
     rows = list(rows)
     rows = [rows[i] for i in subset_indices(len(rows), subset, seed)]
+    if shard is not None:
+        k, n = shard
+        if not (n >= 1 and 0 <= k < n):
+            raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard}")
+        rows = rows[k::n]
     _drop_torn_tail(out)
     done = _done_samples(out)
     todo = [r for r in rows if any((r["material_id"], k) not in done for k in range(num_samples))]
@@ -129,9 +139,23 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--step-lr", type=float, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="sample only crystals K, K+N, K+2N, ... of the list (N processes, N files)",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
 
     def run(args) -> int:
+        shard = None
+        if args.shard:
+            try:
+                k, n = (int(x) for x in args.shard.split("/"))
+            except ValueError:
+                msg = f"--shard must look like K/N, e.g. 0/2; got {args.shard!r}"
+                raise SystemExit(msg) from None
+            shard = (k, n)
         info = sample_test_set(
             args.gt_csv,
             args.out,
@@ -143,6 +167,7 @@ def add_sample_parser(subparsers) -> None:
             step_lr=args.step_lr,
             device=args.device,
             progress=not args.quiet,
+            shard=shard,
         )
         print(json.dumps(info))
         return 0
