@@ -134,6 +134,12 @@ def export_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, use_ema: 
     prefix = "diffusion."
     state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
     meta = dict(st["run_config"])
+    if "energy_mean" in weights:  # DAO-P: the label statistics travel in the metadata
+        meta["daop"] = {
+            **meta.get("daop", {}),
+            "energy_mean": float(weights["energy_mean"]),
+            "energy_std": float(weights["energy_std"]),
+        }
     meta["provenance"] = {
         "step": st["step"],
         "epoch": st["epoch"],
