@@ -182,3 +182,26 @@ def write_tiny_daog(path, timesteps: int = 5, max_atoms: int = 12):
     torch.manual_seed(0)
     export_weights(dict(build_diffusion(cfg).state_dict()), cfg, path)
     return path
+
+
+def write_tiny_daop(path, timesteps: int = 5, energy_mean: float = 0.1, energy_std: float = 0.2):
+    """An untrained, tiny DAO-P exported like shipped weights (fast CLI/API tests)."""
+    from dao.pretrained import build_diffusion
+    from dao.train import export_weights
+
+    cfg = {
+        "model": {
+            "model": "crysformer",
+            "num_layers": 1,
+            "hidden": 16,
+            "heads": 2,
+            "num_freqs": 4,
+            "time_dim": 8,
+            "energy_head": True,
+        },
+        "diffusion": {"timesteps": timesteps},
+        "daop": {"energy_mean": energy_mean, "energy_std": energy_std},
+    }
+    torch.manual_seed(0)
+    export_weights(dict(build_diffusion(cfg).state_dict()), cfg, path)
+    return path

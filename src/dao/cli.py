@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dao.daop.cli import add_daop_parsers
 from dao.data.download import add_download_parser
 from dao.eval.cli import add_evaluate_parser
 from dao.eval.sample import add_sample_parser
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_download_parser(sub)
     add_evaluate_parser(sub)
     add_sample_parser(sub)
+    add_daop_parsers(sub)
     p = sub.add_parser("info", help="versions and available kernels")
     p.set_defaults(func=_cmd_info)
 

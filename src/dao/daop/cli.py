@@ -1,0 +1,217 @@
+"""``dao predict`` and ``dao relax``: DAO-P on structure files.
+
+Inputs: any file pymatgen reads (CIF, POSCAR, ...), or a CSV with a ``cif`` column
+(the CDVAE format; ``material_id`` names the rows when present). Every structure is
+Niggli-reduced and put in the canonical orientation, as the training data was.
+Unreadable inputs are reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["add_daop_parsers", "read_structures"]
+
+log = logging.getLogger(__name__)
+
+
+def read_structures(paths) -> tuple[list[str], list, list[tuple[str, str]]]:
+    """(names, pymatgen Structures, failures [(name, reason)]) from files and CSVs.
+
+    pymatgen's parser warnings (rounded coordinates and the like) are silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_structures(paths)
+
+
+def _read_structures(paths):
+    from pymatgen.core import Structure  # noqa: PLC0415
+
+    from dao.data.csv import read_csv_rows  # noqa: PLC0415
+
+    names, structures, failures = [], [], []
+    for p in map(Path, paths):
+        if not p.exists():
+            failures.append((str(p), "no such file"))
+            continue
+        if p.name.endswith((".csv", ".csv.gz")):
+            columns, rows = read_csv_rows(p)
+            if "cif" not in columns:
+                failures.append((str(p), "CSV without a 'cif' column"))
+                continue
+            for k, row in enumerate(rows):
+                name = row.get("material_id") or f"{p.name}:{k}"
+                try:
+                    structures.append(Structure.from_str(row["cif"], fmt="cif"))
+                    names.append(name)
+                except Exception as exc:  # noqa: BLE001 - one bad row is skipped
+                    failures.append((name, f"unreadable CIF: {exc}"))
+            continue
+        try:
+            structures.append(Structure.from_file(p))
+            names.append(str(p))
+        except Exception as exc:  # noqa: BLE001 - one bad file is skipped
+            failures.append((str(p), f"pymatgen cannot read it: {exc}"))
+    return names, structures, failures
+
+
+def _canonical_batch(structures, max_atoms: int | None):
+    """CrystalBatch of the canonicalised structures; (batch, kept indices, failures)."""
+    import numpy as np  # noqa: PLC0415
+
+    from dao.data.crystal import CrystalBatch  # noqa: PLC0415
+    from dao.data.csv import canonicalize  # noqa: PLC0415
+
+    types, fracs, lats, nums, kept, failures = [], [], [], [], [], []
+    for k, s in enumerate(structures):
+        if max_atoms is not None and len(s) > max_atoms:
+            failures.append((k, f"{len(s)} atoms, more than this model's {max_atoms}"))
+            continue
+        try:
+            z, f, lat = canonicalize(s)
+        except ValueError as exc:
+            failures.append((k, str(exc)))
+            continue
+        types.append(z)
+        fracs.append(f)
+        lats.append(lat)
+        nums.append(len(z))
+        kept.append(k)
+    if not kept:
+        return None, kept, failures
+    batch = CrystalBatch(
+        torch.as_tensor(np.concatenate(types), dtype=torch.int64),
+        torch.as_tensor(np.concatenate(fracs)),
+        torch.as_tensor(np.stack(lats)),
+        torch.as_tensor(nums, dtype=torch.int64),
+    )
+    return batch, kept, failures
+
+
+def _write_table(rows: list[dict], out: str | None) -> None:
+    if out is None:
+        w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["name"])
+        w.writeheader()
+        w.writerows(rows)
+        return
+    path = Path(out)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    else:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"])
+        w.writeheader()
+        w.writerows(rows)
+        path.write_text(buf.getvalue())
+    print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
+
+
+def _cmd_predict(args) -> int:
+    from dao.pretrained import load_daop  # noqa: PLC0415
+
+    daop, cfg = load_daop(args.weights, args.device)
+    names, structures, failures = read_structures(args.files)
+    rows = []
+    for start in range(0, len(structures), args.batch_size):
+        chunk = structures[start : start + args.batch_size]
+        batch, kept, bad = _canonical_batch(chunk, args.max_atoms)
+        failures += [(names[start + k], why) for k, why in bad]
+        if batch is None:
+            continue
+        with torch.no_grad():
+            energy = daop.energy(batch).tolist()
+        for k, e in zip(kept, energy, strict=True):
+            s = chunk[k]
+            rows.append(
+                {
+                    "name": names[start + k],
+                    "formula": s.composition.reduced_formula,
+                    "atoms": len(s),
+                    "e_above_hull_pred_eV_per_atom": round(float(e), 5),
+                }
+            )
+    for name, why in failures:
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    _write_table(rows, args.out)
+    return 0 if rows or not failures else 1
+
+
+def _cmd_relax(args) -> int:
+    from dao.daop.relax import relax  # noqa: PLC0415
+    from dao.pretrained import load_daop  # noqa: PLC0415
+
+    daop, _ = load_daop(args.weights, args.device)
+    names, structures, failures = read_structures(args.files)
+    batch, kept, bad = _canonical_batch(structures, args.max_atoms)
+    failures += [(names[k], why) for k, why in bad]
+    for name, why in failures:
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    if batch is None:
+        print("nothing to relax", file=sys.stderr)
+        return 1
+    res = relax(daop, batch, steps=args.steps, lr=args.lr, keep_trajectory=args.trajectory)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    relaxed = res.crystals.to_structures()
+    rows = []
+    for k, idx in enumerate(kept):
+        stem = f"{k:04d}_{relaxed[k].composition.reduced_formula}"
+        relaxed[k].to(filename=str(out / f"{stem}_relaxed.cif"))
+        if args.trajectory:
+            frames = [t.to_structures()[k] for t in res.trajectory]
+            with (out / f"{stem}_trajectory.xyz").open("w") as f:
+                for i, s in enumerate(frames):
+                    f.write(f"{len(s)}\nstep {i}\n")
+                    for site in s:
+                        x, y, z = site.coords
+                        f.write(f"{site.specie.symbol} {x:.6f} {y:.6f} {z:.6f}\n")
+        rows.append(
+            {
+                "name": names[idx],
+                "file": f"{stem}_relaxed.cif",
+                "e_initial": round(float(res.energy_initial[k]), 5),
+                "e_final": round(float(res.energy_final[k]), 5),
+                "iterations": int(res.iterations[k]),
+                "status": res.status[k],
+            }
+        )
+    _write_table(rows, str(out / "relax.csv"))
+    return 0
+
+
+def add_daop_parsers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="energy above hull of structures with DAO-P",
+        description="Predict the energy above hull (eV/atom) of every structure with DAO-P.",
+    )
+    p.add_argument("files", nargs="+", help="CIF/POSCAR/... files or CSVs with a 'cif' column")
+    p.add_argument("--weights", default=None, help="DAO-P weights (default: shipped model)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-atoms", type=int, default=None, help="skip larger cells")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--out", default=None, help="CSV or .json file (default: stdout)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = subparsers.add_parser(
+        "relax",
+        help="relax structures on DAO-P's energy (L-BFGS over coordinates and lattice)",
+    )
+    p.add_argument("files", nargs="+", help="CIF/POSCAR/... files or CSVs with a 'cif' column")
+    p.add_argument("--weights", default=None, help="DAO-P weights (default: shipped model)")
+    p.add_argument("--steps", type=int, default=5, help="L-BFGS iterations (spec: 5)")
+    p.add_argument("--lr", type=float, default=1.0, help="L-BFGS step scale (spec: 1.0)")
+    p.add_argument("--max-atoms", type=int, default=None, help="skip larger cells")
+    p.add_argument("--trajectory", action="store_true", help="also write an .xyz trajectory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--out", default="dao_relaxed", help="output folder")
+    p.set_defaults(func=_cmd_relax)
