@@ -39,6 +39,8 @@ from tqdm import tqdm
 from dao.data.crystal import CrystalBatch
 from dao.diffusion.schedules import cosine_beta_schedule, geometric_sigma_schedule
 from dao.diffusion.wrapped_normal import wrapped_normal_score
+from dao.ops.diffusion_step import BACKENDS as STEP_BACKENDS
+from dao.ops.diffusion_step import corrector_step, predictor_step
 
 __all__ = [
     "DEFAULT_GUIDANCE_SCALE",
@@ -128,6 +130,13 @@ class _Noise:
         if self.per_crystal is None:
             return self._draw(torch.randn, (len(self.num_atoms), 3, 3), self.generator)
         return torch.cat([self._draw(torch.randn, (1, 3, 3), g) for g in self.per_crystal])
+
+
+def _on_cuda_device(device: torch.device, index: int) -> bool:
+    """True if ``device`` is CUDA device ``index`` (index-less "cuda": the current one)."""
+    if device.type != "cuda":
+        return False
+    return (device.index if device.index is not None else torch.cuda.current_device()) == index
 
 
 def _check_output(out, n_atoms: int, n_crystals: int) -> tuple[Tensor, Tensor]:
@@ -290,6 +299,39 @@ class DAOGDiffusion(nn.Module):
         return self.loss(batch, generator)
 
     # ----------------------------------------------------------------- sampling
+    def _step_table(self, step_lr: float, guidance_scale: float, device) -> Tensor:
+        """Coefficients of every step: [T + 1, 9] float64 on ``device``, row t holding the
+        corrector's (a, c) then the predictor's (a, c_F, g_F, b, q, c_L, g_L); row 0 unused.
+
+        Computed in Python floats from the float64 schedules exactly as the unfused loop
+        computed its scalars, so the fused steps see the same numbers; the noise
+        coefficients are 0 at t = 1 (the last step is deterministic).
+        """
+        sig, lam = self.sigmas.tolist(), self.lambdas.tolist()
+        betas, alphas = self.betas.tolist(), self.alphas.tolist()
+        abar, post = self.alpha_bars.tolist(), self.posterior_variance.tolist()
+        rows = [[0.0] * 9]
+        for t in range(1, self.timesteps + 1):
+            last = t == 1
+            sqrt_lam = math.sqrt(lam[t])
+            gamma = step_lr * (sig[t] / sig[1]) ** 2
+            step = sig[t] ** 2 - sig[t - 1] ** 2
+            var_f = sig[t - 1] ** 2 * step / sig[t] ** 2
+            rows.append(
+                [
+                    gamma * sqrt_lam,
+                    0.0 if last else math.sqrt(2.0 * gamma),
+                    step * sqrt_lam,
+                    0.0 if last else math.sqrt(var_f),
+                    var_f * guidance_scale,
+                    betas[t] / math.sqrt(1.0 - abar[t]),
+                    math.sqrt(alphas[t]),
+                    0.0 if last else math.sqrt(post[t]),
+                    post[t] * guidance_scale,
+                ]
+            )
+        return torch.tensor(rows, dtype=torch.float64, device=device)
+
     @torch.no_grad()
     def sample(
         self,
@@ -302,6 +344,8 @@ class DAOGDiffusion(nn.Module):
         guidance_scale: float = 0.0,
         progress: bool = False,
         callback: Callable[[int, CrystalBatch], None] | None = None,
+        cuda_graph: bool | str = False,
+        step_backend: str = "auto",
     ) -> CrystalBatch:
         """Generate structures for given compositions by predictor-corrector sampling.
 
@@ -319,15 +363,43 @@ class DAOGDiffusion(nn.Module):
            L <- (L - beta_t / sqrt(1 - alpha_bar_t) eps_hat) / sqrt(alpha_t)
            + sqrt(beta~_t) z, with beta~_t the DDPM posterior variance (0 at t = 1).
 
+        Both updates run as fused ops (:func:`dao.ops.corrector_step`,
+        :func:`dao.ops.predictor_step`: one pass each, the predictor over coordinates
+        and lattices of the whole batch); the noise is drawn by torch in the order
+        corrector z, predictor z_F, predictor z_L, so results depend only on the
+        generator.
+
         Energy guidance (classifier guidance with an energy, spec section 3): if
         ``energy_guidance`` is given and ``guidance_scale`` w != 0, the predictor
         step subtracts v_t w grad_F E_t from F and beta~_t w grad_L E_t from L,
         each update's own posterior variance (so none at t = 1); the gradients are
         taken at the predictor's input (corrected F, L_t) and step t.
 
+        CUDA graphs (``cuda_graph``): the whole step (both network evaluations, the
+        noise draws and the fused updates) is captured once in a
+        ``torch.cuda.CUDAGraph`` on static buffers, t and the step's coefficients
+        being device tensors inside the graph, and replayed T times, so sampling is
+        not bound by kernel-launch latency. Requirements and fallbacks:
+
+        * the model must be capturable: no host synchronisation in its forward
+          (``.item()``, ``int(tensor)``, ``bool(tensor)``, ``nonzero``,
+          ``torch.bincount`` and ``repeat_interleave`` without ``output_size`` on
+          CUDA, ...); otherwise a RuntimeError says so (use ``cuda_graph=False``);
+        * with energy guidance (a Python callback per step) nothing is captured: the
+          eager loop runs, for ``True`` as for ``"auto"``;
+        * noise comes from ``generator`` when it is one CUDA generator on the
+          model's device (registered with the graph), from the device's default
+          generator when it is None, otherwise from a CUDA generator seeded by one
+          draw of ``generator``. Noise and start are then drawn exactly as the eager
+          loop draws them, so a CUDA generator (or None) gives the eager result up to
+          float rounding; a CPU generator gives a different (still reproducible) draw.
+          One generator per crystal cannot feed a graph: ValueError with ``True``,
+          the eager loop with ``"auto"``.
+
         Args:
             atom_types: [N] int64 atomic numbers, crystal after crystal.
-            num_atoms: [B] int64 atoms per crystal (each >= 1).
+            num_atoms: [B] int64 atoms per crystal (each >= 1); crystals of any mix
+                of sizes share one call.
             step_lr: corrector step scale (1e-5 for MP-20 and MPTS-52).
             generator: None, one ``torch.Generator``, or a sequence of B generators,
                 one per crystal (then each crystal's result does not depend on which
@@ -340,6 +412,12 @@ class DAOGDiffusion(nn.Module):
             progress: show a tqdm bar.
             callback: ``fn(s, state)`` after every step, with ``state`` the
                 :class:`CrystalBatch` at time index s = t - 1 (T - 1 down to 0).
+            cuda_graph: False (eager loop), True (capture and replay; the model must
+                be on a CUDA device, else ValueError) or ``"auto"`` (capture on CUDA
+                when possible, see above; the eager loop elsewhere).
+            step_backend: backend of the fused steps, one of
+                :data:`dao.ops.diffusion_step.BACKENDS` (``"auto"``: C++ on CPU,
+                Triton on CUDA).
 
         Returns:
             CrystalBatch with F in [0, 1), in the model's floating dtype (float32 if
@@ -365,7 +443,16 @@ class DAOGDiffusion(nn.Module):
             raise ValueError("guidance_scale is set but no energy_guidance was given")
         if step_lr < 0:
             raise ValueError(f"step_lr must be >= 0, got {step_lr}")
+        if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
+            raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+        if step_backend not in STEP_BACKENDS:
+            raise ValueError(f"step_backend must be one of {STEP_BACKENDS}, got {step_backend!r}")
         dtype, device = self._dtype_device()
+        if cuda_graph is True and device.type != "cuda":
+            raise ValueError(
+                f"cuda_graph=True needs the model on a CUDA device, it is on {device}: "
+                "move it with .to('cuda') or use cuda_graph=False"
+            )
         if num_atoms.numel() == 0:
             return CrystalBatch.empty(dtype).to(device)
         atom_types = atom_types.to(device=device, dtype=torch.int64)
@@ -374,52 +461,160 @@ class DAOGDiffusion(nn.Module):
         batch = torch.repeat_interleave(torch.arange(n_crystals, device=device), num_atoms)
         noise = _Noise(generator, num_atoms.tolist(), device, dtype)
         guided = energy_guidance is not None and guidance_scale != 0.0
+        use_graph = cuda_graph is not False and device.type == "cuda" and not guided
+        if use_graph and noise.per_crystal is not None:
+            if cuda_graph is True:
+                raise ValueError(
+                    "cuda_graph=True cannot use one generator per crystal (a graph draws the "
+                    "noise of the whole batch at once): pass one CUDA torch.Generator, or "
+                    "use cuda_graph=False"
+                )
+            use_graph = False
 
-        # Python floats from the float64 schedules: no device syncs inside the loop.
-        sig = self.sigmas.tolist()
-        lam = self.lambdas.tolist()
-        betas, alphas = self.betas.tolist(), self.alphas.tolist()
-        abar, post = self.alpha_bars.tolist(), self.posterior_variance.tolist()
-
+        # One H2D copy of every step's scalars; the loop then never syncs.
+        table = self._step_table(step_lr, guidance_scale if guided else 0.0, device)
         lattice = noise.normal_lattice()
         frac = noise.uniform_coords()
-        T = self.timesteps
+        common = dict(
+            atom_types=atom_types,
+            num_atoms=num_atoms,
+            batch=batch,
+            table=table,
+            step_lr=step_lr,
+            progress=progress,
+            callback=callback,
+            backend=step_backend,
+        )
+        if use_graph:
+            frac, lattice = self._sample_graphed(frac, lattice, generator, **common)
+        else:
+            guidance = energy_guidance if guided else None
+            frac, lattice = self._sample_eager(frac, lattice, noise, guidance, **common)
+        return CrystalBatch(atom_types, frac, lattice, num_atoms)
+
+    def _sample_eager(
+        self, frac, lattice, noise: _Noise, guidance, *, atom_types, num_atoms, batch, table,
+        step_lr, progress, callback, backend,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        T, n_crystals = self.timesteps, num_atoms.shape[0]
         for t in tqdm(range(T, 0, -1), total=T, disable=not progress, desc="DAO-G sampling"):
-            t_vec = torch.full((n_crystals,), t, dtype=torch.int64, device=device)
+            t_vec = torch.full((n_crystals,), t, dtype=torch.int64, device=frac.device)
             last = t == 1
-            sqrt_lam = math.sqrt(lam[t])
 
             # Corrector: Langevin on F at fixed noise level t.
             if step_lr > 0.0:
                 coord, _ = self._call_model(atom_types, frac, lattice, t_vec, batch)
-                gamma = step_lr * (sig[t] / sig[1]) ** 2
-                frac = frac + gamma * sqrt_lam * coord
-                if not last:
-                    frac = frac + math.sqrt(2.0 * gamma) * noise.normal_coords()
-                frac = wrap_frac(frac)
+                z = None if last else noise.normal_coords()
+                frac = corrector_step(frac, coord, z, table[t, :2], backend=backend)
 
             # Predictor: reverse ancestral steps t -> t - 1.
             coord, eps_hat = self._call_model(atom_types, frac, lattice, t_vec, batch)
-            step = sig[t] ** 2 - sig[t - 1] ** 2
-            var_f = sig[t - 1] ** 2 * step / sig[t] ** 2
-            new_frac = frac + step * sqrt_lam * coord
-            new_lattice = (lattice - betas[t] / math.sqrt(1.0 - abar[t]) * eps_hat) / math.sqrt(
-                alphas[t]
-            )
+            z_f = z_l = grad_f = grad_l = None
             if not last:
-                new_frac = new_frac + math.sqrt(var_f) * noise.normal_coords()
-                new_lattice = new_lattice + math.sqrt(post[t]) * noise.normal_lattice()
-            if guided:
-                grad_f, grad_l = self._guidance(energy_guidance, frac, lattice, t_vec, batch)
-                if grad_f is not None:
-                    new_frac = new_frac - var_f * guidance_scale * grad_f
-                if grad_l is not None:
-                    new_lattice = new_lattice - post[t] * guidance_scale * grad_l
-            frac, lattice = wrap_frac(new_frac), new_lattice
+                z_f, z_l = noise.normal_coords(), noise.normal_lattice()
+            if guidance is not None:
+                grad_f, grad_l = self._guidance(guidance, frac, lattice, t_vec, batch)
+            frac, lattice = predictor_step(
+                frac, coord, z_f, grad_f, lattice, eps_hat, z_l, grad_l, table[t, 2:],
+                backend=backend,
+            )  # fmt: skip
 
             if callback is not None:
                 callback(t - 1, CrystalBatch(atom_types, frac, lattice, num_atoms))
-        return CrystalBatch(atom_types, frac, lattice, num_atoms)
+        return frac, lattice
+
+    def _graph_step(
+        self, frac, lattice, gen, *, atom_types, batch, table, step_lr, backend
+    ) -> tuple[Callable[[], None], Tensor, Tensor, Tensor]:
+        """The step a CUDA graph captures, on static buffers (no host values inside).
+
+        Returns ``(step, frac, lattice, t)``: the buffers start at the given state and
+        t = T; each call of ``step`` does one corrector + predictor step in place and
+        decrements t. Noise comes from ``gen`` (None: the default generator of the
+        device) in the eager loop's order, drawn on every step, the last included,
+        where its coefficients are 0. Device-agnostic, so the CPU tests check it
+        against the eager loop.
+        """
+        device = frac.device
+        state_f, state_l = frac.clone(), lattice.clone()
+        t_vec = torch.full((lattice.shape[0],), self.timesteps, dtype=torch.int64, device=device)
+
+        def noise(like: Tensor) -> Tensor:
+            return torch.randn(like.shape, generator=gen, device=device, dtype=like.dtype)
+
+        def step() -> None:
+            # The step's coefficients are gathered on the device from t.
+            coefs = table.index_select(0, t_vec[:1]).squeeze(0)
+            f = state_f
+            if step_lr > 0.0:
+                coord, _ = self._call_model(atom_types, f, state_l, t_vec, batch)
+                f = corrector_step(f, coord, noise(f), coefs[:2], backend=backend)
+            coord, eps_hat = self._call_model(atom_types, f, state_l, t_vec, batch)
+            z_f = noise(f)
+            z_l = noise(state_l)
+            f, lat = predictor_step(
+                f, coord, z_f, None, state_l, eps_hat, z_l, None, coefs[2:], backend=backend
+            )
+            state_f.copy_(f)
+            state_l.copy_(lat)
+            t_vec.sub_(1)
+
+        return step, state_f, state_l, t_vec
+
+    def _sample_graphed(
+        self, frac, lattice, generator, *, atom_types, num_atoms, batch, table, step_lr,
+        progress, callback, backend,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        device, T = frac.device, self.timesteps
+        with torch.cuda.device(device):
+            here = torch.cuda.current_device()
+            if isinstance(generator, torch.Generator) and _on_cuda_device(generator.device, here):
+                gen = generator
+            elif isinstance(generator, torch.Generator):
+                seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
+                gen = torch.Generator(device=device)
+                gen.manual_seed(int(seed))
+            else:
+                gen = None  # the device's default CUDA generator, which graphs register
+            rng = gen if gen is not None else torch.cuda.default_generators[here]
+            step, state_f, state_l, t_vec = self._graph_step(
+                frac, lattice, gen, atom_types=atom_types, batch=batch, table=table,
+                step_lr=step_lr, backend=backend,
+            )  # fmt: skip
+
+            # Warm-up on a side stream (Triton compilation, library handles, allocator),
+            # then capture. The warm-up advances the state and the generator: both are
+            # restored, so replay i draws what eager step i would draw.
+            rng_state = rng.get_state()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if gen is not None:
+                graph.register_generator_state(gen)
+            try:
+                with torch.cuda.graph(graph):
+                    step()
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    "DAOGDiffusion.sample(cuda_graph=...): the sampling step could not be "
+                    "captured in a CUDA graph. The model probably synchronises with the host "
+                    "in its forward (.item(), int(tensor), bool(tensor), nonzero, bincount or "
+                    "repeat_interleave without output_size, ...); use cuda_graph=False"
+                ) from exc
+            state_f.copy_(frac)
+            state_l.copy_(lattice)
+            t_vec.fill_(T)
+            rng.set_state(rng_state)
+
+            for t in tqdm(range(T, 0, -1), total=T, disable=not progress, desc="DAO-G sampling"):
+                graph.replay()
+                if callback is not None:
+                    state = CrystalBatch(atom_types, state_f.clone(), state_l.clone(), num_atoms)
+                    callback(t - 1, state)
+            return state_f.clone(), state_l.clone()
 
     @staticmethod
     def _guidance(fn, frac, lattice, t, batch) -> tuple[Tensor | None, Tensor | None]:
