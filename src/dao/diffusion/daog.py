@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -273,6 +273,13 @@ class DAOGDiffusion(nn.Module):
         Returns:
             dict with scalar tensors 'loss', 'loss_lattice', 'loss_coord'.
         """
+        return self.loss_terms(batch, generator)[0]
+
+    def loss_terms(
+        self, batch: CrystalBatch, generator: torch.Generator | None = None
+    ) -> tuple[dict[str, Tensor], Any, Tensor]:
+        """:meth:`loss` plus what a model with more heads needs (DAO-P's energy):
+        (loss dict, the model's raw output on the noisy batch, t [B])."""
         if len(batch) == 0 or batch.num_nodes == 0:
             raise ValueError("loss needs a batch with at least one crystal and one atom")
         dtype, device = self._dtype_device()
@@ -286,13 +293,14 @@ class DAOGDiffusion(nn.Module):
             torch.int64,
         )
         noised = self._add_noise(batch.frac_coords, batch.lattice, t, batch.batch, generator)
-        coord, lattice = self._call_model(
-            batch.atom_types, noised.frac_coords, noised.lattice, t, batch.batch
-        )
+        out = self.model(batch.atom_types, noised.frac_coords, noised.lattice, t, batch.batch)
+        coord, lattice = _check_output(out, batch.num_nodes, n_crystals)
+        coord, lattice = coord.to(dtype), lattice.to(dtype)
         loss_lattice = F.mse_loss(lattice, noised.lattice_noise)
         loss_coord = F.mse_loss(coord, noised.coord_target)
         loss = self.cost_lattice * loss_lattice + self.cost_coord * loss_coord
-        return {"loss": loss, "loss_lattice": loss_lattice, "loss_coord": loss_coord}
+        terms = {"loss": loss, "loss_lattice": loss_lattice, "loss_coord": loss_coord}
+        return terms, out, t
 
     def forward(self, batch: CrystalBatch, generator: torch.Generator | None = None):
         """Same as :meth:`loss` (so wrappers such as DDP see the loss as the forward)."""

@@ -196,7 +196,10 @@ def segment_mean(x: Tensor, index: Tensor, num_segments: int) -> Tensor:
     """[S, ...] mean of the rows of ``x`` [E, ...] per segment (0 for empty segments)."""
     out = torch.zeros((num_segments, *x.shape[1:]), dtype=x.dtype, device=x.device)
     out = out.index_add(0, index, x)
-    count = torch.bincount(index, minlength=num_segments).clamp_(min=1).to(x.dtype)
+    # index_add rather than bincount: no device-to-host sync (CUDA-graph capturable)
+    ones = torch.ones(index.shape[0], dtype=x.dtype, device=x.device)
+    count = torch.zeros(num_segments, dtype=x.dtype, device=x.device).index_add_(0, index, ones)
+    count = count.clamp_(min=1)
     return out / count.view(-1, *([1] * (x.dim() - 1)))
 
 

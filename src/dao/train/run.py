@@ -1,11 +1,13 @@
 """``dao train``: a run config (TOML) -> data, model, diffusion -> the training loop.
 
-A run config has four tables::
+A run config has four tables, and a fifth for DAO-P::
 
     [model]      # a model config: model = "crysformer" | "cspnet" and its fields
     [diffusion]  # DAOGDiffusion arguments (timesteps, sigma_begin, ...)
     [data]       # data_root, max_atoms, val_fraction, dtype, include/exclude lists
     [train]      # TrainConfig fields (epochs, batch_size, lr, ...)
+    [daop]       # DAO-P: energy_weight (the model needs energy_head = true); the
+                 # label mean / std are computed from the training split
 
 The run folder receives ``config.toml``-equivalent JSON (``run_config.json``),
 ``log.csv`` and ``checkpoints/``; running the same command again resumes.
@@ -44,7 +46,7 @@ def load_run_config(path: str | os.PathLike) -> dict[str, Any]:
         else:  # pragma: no cover
             import tomli as tomllib  # noqa: PLC0415
         cfg = tomllib.loads(path.read_text())
-    unknown = set(cfg) - {"model", "diffusion", "data", "train"}
+    unknown = set(cfg) - {"model", "diffusion", "data", "train", "daop"}
     if unknown:
         raise ValueError(f"{path}: unknown tables {sorted(unknown)}")
     if "model" not in cfg:
@@ -93,6 +95,39 @@ class _Subset:
         return self.data[self.idx[k]]
 
 
+def _daop_objective(diffusion, daop_cfg: dict[str, Any], pool, train_idx):
+    """DAO-P around ``diffusion``, with the energy labels of the training split standardised."""
+    import numpy as np  # noqa: PLC0415
+
+    from dao.daop import DAOP, ENERGY_COLUMNS  # noqa: PLC0415
+
+    labels = np.full(len(train_idx), np.nan)
+    for name in ENERGY_COLUMNS:
+        col = pool.props.get(name)
+        if col is not None:
+            vals = np.asarray(col, dtype=np.float64)[train_idx]
+            labels = np.where(np.isnan(labels), vals, labels)
+    known = labels[~np.isnan(labels)]
+    if known.size < 2:
+        raise ValueError(
+            f"DAO-P needs energy labels ({', '.join(ENERGY_COLUMNS)}) in the training data; "
+            f"found {known.size}"
+        )
+    unknown = set(daop_cfg) - {"energy_weight", "energy_mean", "energy_std"}
+    if unknown:
+        raise ValueError(f"unknown [daop] settings: {sorted(unknown)}")
+    print(
+        f"DAO-P: {known.size} of {len(train_idx)} training crystals have energy labels "
+        f"(mean {known.mean():.4f}, std {known.std():.4f} eV/atom)"
+    )
+    return DAOP(
+        diffusion,
+        energy_mean=float(known.mean()),
+        energy_std=float(known.std()),
+        energy_weight=float(daop_cfg.get("energy_weight", 1.0)),
+    )
+
+
 def train_from_config(
     cfg: dict[str, Any], out_dir: str | os.PathLike, resume: bool = True, progress: bool = True
 ) -> dict[str, Any]:
@@ -114,8 +149,13 @@ def train_from_config(
         f"training {cfg['model'].get('model')} ({n_params / 1e6:.2f} M parameters) on "
         f"{len(train_set)} crystals ({len(val_set)} validation) -> {out}"
     )
+    objective = DiffusionObjective(diffusion)
+    if "daop" in cfg:
+        objective = _daop_objective(diffusion, cfg["daop"], pool, train_set.idx)
+        cfg = {**cfg, "daop": {**cfg["daop"], "energy_mean": float(objective.energy_mean),
+                               "energy_std": float(objective.energy_std)}}  # fmt: skip
     trainer = Trainer(
-        DiffusionObjective(diffusion),
+        objective,
         tcfg,
         train_set,
         val_set,
