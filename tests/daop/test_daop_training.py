@@ -92,3 +92,33 @@ def test_train_export_load_predict(tmp_path):
     assert e.shape == (4,) and torch.isfinite(e).all()
     log = (tmp_path / "run" / "log.csv").read_text()
     assert "loss_energy" in log.splitlines()[0]
+
+
+def test_daop_stage_starts_from_daog_weights(tmp_path):
+    """dao train --init-from a DAO-G run: the backbone and diffusion heads carry over,
+    the energy head starts fresh; a model that does not fit is refused."""
+    base = {
+        "diffusion": {"timesteps": 10},
+        "data": {
+            "data_root": str(FIXTURES),
+            "include": ["mp_20_pilot_train_first300.csv.gz"],
+            "exclude": ["mp_20_pilot_test_slice30.csv.gz"],
+            "max_atoms": 12,
+            "val_fraction": 0.1,
+        },
+        "train": {"epochs": 1, "batch_size": 64, "warmup_steps": 1, "log_every_steps": 1},
+    }
+    daog_model = {k: v for k, v in MODEL.items() if k != "energy_head"}
+    train_from_config({**base, "model": daog_model}, tmp_path / "g", progress=False)
+    src = torch.load(tmp_path / "g" / "checkpoints" / "last.pt", weights_only=False)["ema"]
+    cfg = {**base, "model": MODEL, "daop": {"energy_weight": 1.0}}
+    cfg["train"] = {**base["train"], "init_from": str(tmp_path / "g/checkpoints/last.pt"),
+                    "lr": 0.0, "min_lr": 0.0}  # fmt: skip
+    train_from_config(cfg, tmp_path / "p", progress=False)
+    daop, _ = load_daop(tmp_path / "p" / "checkpoints" / "last.pt")
+    got = daop.diffusion.state_dict()
+    key = "model.layers.0.q_proj.weight"
+    torch.testing.assert_close(got[key], src["diffusion." + key])
+    bad = {**cfg, "model": {**MODEL, "hidden": 32}}
+    with pytest.raises((ValueError, RuntimeError)):
+        train_from_config(bad, tmp_path / "bad", progress=False)

@@ -65,6 +65,10 @@ class TrainConfig:
         return cls(**d)
 
 
+#: Names of parts a new stage may add to the model it starts from (init_from).
+STAGE_NEW_PARTS = ("heads.energy.", "energy_mean", "energy_std", "property_head.")
+
+
 class EMA:
     """Exponential moving average of parameters (buffers copied as they are)."""
 
@@ -217,11 +221,26 @@ class Trainer:
         return True
 
     def init_weights_from(self, path: str | os.PathLike) -> None:
-        """Start a new stage from another run's weights (EMA if present)."""
+        """Start a new stage from another run's weights (EMA if present).
+
+        Every tensor of the source must fit this model. Tensors the source lacks are
+        allowed only for parts a stage may add (:data:`STAGE_NEW_PARTS`: the energy
+        head and label statistics of DAO-P, property heads); they keep their fresh
+        initialisation and are listed on stdout.
+        """
         st = load_checkpoint(path, map_location=self.device)
         weights = st.get("ema") or st["model"]
-        self.module.load_state_dict(weights)
-        self.ema.module.load_state_dict(weights)
+        missing, unexpected = self.module.load_state_dict(weights, strict=False)
+        not_new = [k for k in missing if not any(p in k for p in STAGE_NEW_PARTS)]
+        if unexpected or not_new:
+            raise ValueError(
+                f"{path} does not fit this model: "
+                + (f"unexpected {sorted(unexpected)[:5]} " if unexpected else "")
+                + (f"missing {sorted(not_new)[:5]}" if not_new else "")
+            )
+        self.ema.module.load_state_dict(weights, strict=False)
+        if missing and self.rank == 0:
+            print(f"new in this stage (freshly initialised): {sorted(missing)}")
 
     # --------------------------------------------------------------- logging
     def _log(self, row: dict[str, Any]) -> None:
