@@ -43,6 +43,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             device=args.device,
             max_atoms=args.max_atoms,
             progress=not args.quiet,
+            daop=_daop_choice(args),
+            guidance_scale=_guidance_scale(args),
+            rank_by_energy=args.rank_by_energy,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"dao generate: error: {exc}", file=sys.stderr)
@@ -52,6 +55,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _print_table([r.summary() for r in results])
     print(f"wrote {len(results)} CIF files and {csv_path}")
     return 0
+
+
+def _guidance_scale(args: argparse.Namespace) -> float:
+    from dao.diffusion import DEFAULT_GUIDANCE_SCALE  # noqa: PLC0415
+
+    if args.guidance_scale is not None:
+        return float(args.guidance_scale)
+    return DEFAULT_GUIDANCE_SCALE if args.guidance else 0.0
+
+
+def _daop_choice(args: argparse.Namespace):
+    """DAO-P weights when energy is asked for (guidance, ranking, or --daop-weights)."""
+    wanted = args.guidance or args.guidance_scale or args.rank_by_energy or args.daop_weights
+    if not wanted:
+        return None
+    return args.daop_weights or True
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -69,6 +88,8 @@ def _print_table(rows: list[dict]) -> None:
         "valid",
         "residual",
     ]
+    if rows and "energy" in rows[0]:
+        cols.append("energy")
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("rank  " + "  ".join(c.rjust(widths[c]) for c in cols))
     for k, r in enumerate(rows, 1):
@@ -134,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--out", default=None, help="output folder (dao_<formula>)")
     p.add_argument("--png", action="store_true", help="also draw each structure as PNG")
+    p.add_argument(
+        "--guidance",
+        action="store_true",
+        help="energy guidance from DAO-P while sampling (scale 20, the paper's)",
+    )
+    p.add_argument(
+        "--guidance-scale", type=float, default=None, help="energy guidance with this scale w"
+    )
+    p.add_argument(
+        "--rank-by-energy",
+        action="store_true",
+        help="rank the samples by DAO-P's energy above hull (lowest first)",
+    )
+    p.add_argument("--daop-weights", default=None, help="DAO-P weights (default: shipped)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)
 
