@@ -97,3 +97,40 @@ def test_daog_weights_are_not_daop(tmp_path):
     w = write_tiny_daog(tmp_path / "g.safetensors")
     with pytest.raises(ValueError, match="no DAO-P label statistics"):
         load_daop(w)
+
+
+def test_relax_dataset_rewrites_only_the_unstable_rows(weights, tmp_path):
+    import gzip
+
+    from dao.data.csv import load_csv, read_csv_rows
+
+    # a small CSV with labels on both sides of the window
+    src = next(FIXTURES.glob("*train*.csv*"))
+    cols, rows = read_csv_rows(src)
+    rows = list(rows)[:12]
+    for k, r in enumerate(rows):
+        r["e_above_hull"] = str([0.01, 0.1, 0.3, 0.6][k % 4])
+    inp = tmp_path / "in.csv.gz"
+    with gzip.open(inp, "wt", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out.csv.gz"
+    rc = main(["relax-dataset", str(inp), str(out), "--weights", str(weights), "-q",
+               "--lr", "0.05"])  # fmt: skip
+    assert rc == 0
+    _, new = read_csv_rows(out)
+    new = list(new)
+    assert len(new) == len(rows)
+    for old, r in zip(rows, new, strict=True):
+        e = float(old["e_above_hull"])
+        relaxed = 0.08 < e <= 0.5
+        assert r["dao_relaxed"] == ("1" if relaxed else "0")
+        assert r["material_id"] == old["material_id"]
+        if relaxed:
+            assert float(r["dao_e_after"]) <= float(r["dao_e_before"]) + 1e-9
+        else:
+            assert r["cif"] == old["cif"]
+    # the output reads back with the training data code
+    data = load_csv(out, cache_dir=tmp_path / "cache", workers=0, progress=False)
+    assert len(data.num_atoms) == len(rows)

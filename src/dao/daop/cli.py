@@ -188,6 +188,26 @@ def _cmd_relax(args) -> int:
     return 0
 
 
+def _cmd_relax_dataset(args) -> int:
+    from dao.daop.dataset_relax import relax_dataset  # noqa: PLC0415
+    from dao.pretrained import load_daop  # noqa: PLC0415
+
+    daop, _ = load_daop(args.weights, args.device)
+    report = relax_dataset(
+        daop,
+        args.csv,
+        args.out,
+        low=args.low,
+        high=args.high,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def add_daop_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
@@ -215,3 +235,21 @@ def add_daop_parsers(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--out", default="dao_relaxed", help="output folder")
     p.set_defaults(func=_cmd_relax)
+
+    p = subparsers.add_parser(
+        "relax-dataset",
+        help="relax the unstable rows of a training CSV with DAO-P (dataset relaxation)",
+        description="Relax rows with LOW < energy above hull <= HIGH on DAO-P's energy and "
+        "write the dataset again (same format; other rows unchanged).",
+    )
+    p.add_argument("csv", help="CDVAE-format CSV (plain or .gz) with energy-above-hull labels")
+    p.add_argument("out", help="output CSV (.csv or .csv.gz)")
+    p.add_argument("--weights", default=None, help="DAO-P weights (default: shipped model)")
+    p.add_argument("--low", type=float, default=0.08, help="eV/atom (exclusive)")
+    p.add_argument("--high", type=float, default=0.5, help="eV/atom (inclusive)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_relax_dataset)
