@@ -312,6 +312,22 @@ class Crysformer(nn.Module):
             when its head is disabled. Floating inputs are cast to the model dtype.
         """
         check_model_inputs(atom_types, frac_coords, lattice, t, batch)
+        x = self.encode(atom_types, frac_coords, lattice, t, batch, edges, naive=naive)
+        return self.heads(x, batch, lattice.to(x.dtype))
+
+    def encode(
+        self,
+        atom_types: Tensor,
+        frac_coords: Tensor,
+        lattice: Tensor,
+        t: Tensor,
+        batch: Tensor,
+        edges: Tensor | None = None,
+        *,
+        naive: bool = False,
+    ) -> Tensor:
+        """[N, h] node features after the last layer (what the heads read; property
+        fine-tuning puts its own head on them). Arguments as :meth:`forward`."""
         dtype = self.atom_embed.weight.dtype
         frac_coords, lattice = frac_coords.to(dtype), lattice.to(dtype)
         x = self._embed_nodes(atom_types, t, batch)
@@ -358,4 +374,4 @@ class Crysformer(nn.Module):
                 edge_emb = F.linear(z, w, b).split(self.config.hidden, dim=1)
                 for layer, e in zip(self.layers, edge_emb, strict=True):
                     x = layer.finish(x, layer.attention_projected(x, e, edges))
-        return self.heads(x, batch, lattice)
+        return x
