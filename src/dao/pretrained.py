@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "build_diffusion",
     "default_daop_weights_path",
+    "default_tc_weights_path",
     "default_weights_path",
     "load_daog",
     "load_daop",
@@ -26,6 +27,7 @@ __all__ = [
 
 DEFAULT_WEIGHTS = "daog_mp20_small.safetensors"
 DEFAULT_DAOP_WEIGHTS = "daop_mp20_small.safetensors"
+DEFAULT_TC_WEIGHTS = "tc_3dsc_ensemble.safetensors"
 
 
 def build_diffusion(run_cfg: dict[str, Any]) -> torch.nn.Module:
@@ -97,6 +99,17 @@ def load_daog(path: str | os.PathLike | None = None, device: str | torch.device 
 def default_daop_weights_path() -> Path:
     """Path of the DAO-P weights shipped in the package (``dao/weights/``)."""
     return Path(str(resources.files("dao") / "weights" / DEFAULT_DAOP_WEIGHTS))
+
+
+def default_tc_weights_path() -> Path:
+    """Path of the Tc fold ensemble shipped in the package (``dao/weights/``)."""
+    path = Path(str(resources.files("dao") / "weights" / DEFAULT_TC_WEIGHTS))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no shipped Tc model at {path}: train one with `dao tc-cv` and pass "
+            "--property-weights <out>/tc_ensemble.safetensors"
+        )
+    return path
 
 
 def load_daop(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):

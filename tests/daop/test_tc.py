@@ -60,3 +60,25 @@ def test_cross_validation_runs_and_reports(tmp_path):
             mean, (models[0].predict(crystals) + models[1].predict(crystals)) / 2
         )
     assert (tmp_path / "cv" / "report.json").exists()
+
+
+def test_tc_cv_command_and_predict_property(tmp_path):
+    from dao.cli import main
+
+    weights = write_tiny_daop(tmp_path / "daop.safetensors")
+    out = tmp_path / "cv"
+    rc = main(["tc-cv", "--data-root", str(FIXTURE_ROOT), "--daop-weights", str(weights),
+               "--folds", "2", "--epochs", "1", "--batch-size", "8", "--max-atoms", "12",
+               "-o", str(out), "-q"])  # fmt: skip
+    assert rc == 0 and (out / "tc_ensemble.safetensors").exists()
+    ds = load_3dsc(FIXTURE_ROOT, max_atoms=12)
+    s = ds.batch([0]).crystals.to_structures()[0]
+    cif = tmp_path / "x.cif"
+    s.to(filename=str(cif))
+    table = tmp_path / "tc.csv"
+    rc = main(["predict", str(cif), "--property", "tc", "--property-weights",
+               str(out / "tc_ensemble.safetensors"), "-o", str(table)])  # fmt: skip
+    assert rc == 0
+    text = table.read_text()
+    assert "tc_pred_K" in text.splitlines()[0]
+    assert float(text.splitlines()[1].split(",")[-1]) >= -1.0  # expm1 of a log value

@@ -115,10 +115,36 @@ def _write_table(rows: list[dict], out: str | None) -> None:
     print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
 
 
-def _cmd_predict(args) -> int:
-    from dao.pretrained import load_daop  # noqa: PLC0415
+def _property_predictor(args):
+    """(column name, fn(batch) -> [B] values, extra column fn) for ``--property``."""
+    from dao.daop.property import load_property_ensemble  # noqa: PLC0415
+    from dao.pretrained import default_tc_weights_path, load_daop  # noqa: PLC0415
 
-    daop, cfg = load_daop(args.weights, args.device)
+    if args.property is None:
+        daop, _ = load_daop(args.weights, args.device)
+        return "e_above_hull_pred_eV_per_atom", daop.energy
+    path = args.property_weights
+    if path is None:
+        if args.property not in ("tc", "log_tc"):
+            raise SystemExit(
+                f"dao predict: no shipped model for property {args.property!r}: "
+                "pass --property-weights (a fine-tuned model)"
+            )
+        path = default_tc_weights_path()
+    ens = load_property_ensemble(path, args.device)
+    if args.property in ("tc", "log_tc") and ens.target == "log_tc":
+
+        def tc(batch):
+            return torch.expm1(ens.predict(batch))
+
+        return "tc_pred_K", tc
+    if ens.target != args.property:
+        raise SystemExit(f"dao predict: the model predicts {ens.target!r}, not {args.property!r}")
+    return f"{ens.target}_pred", ens.predict
+
+
+def _cmd_predict(args) -> int:
+    column, predict = _property_predictor(args)
     names, structures, failures = read_structures(args.files)
     rows = []
     for start in range(0, len(structures), args.batch_size):
@@ -128,15 +154,15 @@ def _cmd_predict(args) -> int:
         if batch is None:
             continue
         with torch.no_grad():
-            energy = daop.energy(batch).tolist()
-        for k, e in zip(kept, energy, strict=True):
+            values = predict(batch).tolist()
+        for k, e in zip(kept, values, strict=True):
             s = chunk[k]
             rows.append(
                 {
                     "name": names[start + k],
                     "formula": s.composition.reduced_formula,
                     "atoms": len(s),
-                    "e_above_hull_pred_eV_per_atom": round(float(e), 5),
+                    column: round(float(e), 5),
                 }
             )
     for name, why in failures:
@@ -208,6 +234,40 @@ def _cmd_relax_dataset(args) -> int:
     return 0
 
 
+def _cmd_tc_cv(args) -> int:
+    from dao.daop.property import export_property_ensemble  # noqa: PLC0415
+    from dao.daop.tc import cross_validate_tc, load_3dsc  # noqa: PLC0415
+
+    ds = load_3dsc(args.data_root, max_atoms=args.max_atoms, exclude_formulas=args.exclude)
+    print(f"3DSC: {len(ds)} formulas with a structure of <= {args.max_atoms} atoms")
+    cfg = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup_steps": 50,
+        "max_minutes": args.max_minutes_per_fold,
+        "seed": args.seed,
+    }
+    rep = cross_validate_tc(
+        ds,
+        args.out,
+        daop_weights=args.daop_weights,
+        folds=args.folds,
+        seed=args.seed,
+        train_cfg=cfg,
+        progress=not args.quiet,
+    )
+    out = Path(args.out)
+    ens = export_property_ensemble(
+        [out / f"fold{k}" / "checkpoints" / "last.pt" for k in range(args.folds)],
+        out / "tc_ensemble.safetensors",
+    )
+    summary = {k: v for k, v in rep.items() if k not in ("out_of_fold",)}
+    print(json.dumps(summary, indent=1))
+    print(f"fold ensemble: {ens}")
+    return 0
+
+
 def add_daop_parsers(subparsers) -> None:
     p = subparsers.add_parser(
         "predict",
@@ -216,6 +276,15 @@ def add_daop_parsers(subparsers) -> None:
     )
     p.add_argument("files", nargs="+", help="CIF/POSCAR/... files or CSVs with a 'cif' column")
     p.add_argument("--weights", default=None, help="DAO-P weights (default: shipped model)")
+    p.add_argument(
+        "--property",
+        default=None,
+        help="predict this property with a fine-tuned model instead of the energy "
+        "('tc': the shipped Tc ensemble, in K)",
+    )
+    p.add_argument(
+        "--property-weights", default=None, help="fine-tuned property model (file or checkpoint)"
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-atoms", type=int, default=None, help="skip larger cells")
     p.add_argument("--device", default="cpu")
@@ -253,3 +322,21 @@ def add_daop_parsers(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_relax_dataset)
+
+    p = subparsers.add_parser(
+        "tc-cv",
+        help="fine-tune DAO-P for Tc on 3DSC with k-fold cross-validation (and the baseline)",
+    )
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--daop-weights", default=None, help="DAO-P to start from (default: shipped)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--max-atoms", type=int, default=60)
+    p.add_argument("--max-minutes-per-fold", type=float, default=None)
+    p.add_argument("--exclude", nargs="*", default=[], help="formulas kept out (case studies)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--out", default="runs/tc_cv")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_tc_cv)

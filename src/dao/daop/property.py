@@ -27,7 +27,9 @@ from dao.models.common import segment_mean
 __all__ = [
     "PropertyEnsemble",
     "PropertyModel",
+    "export_property_ensemble",
     "finetune_property",
+    "load_property_ensemble",
     "load_property_model",
 ]
 
@@ -181,3 +183,44 @@ def load_property_model(path: str | os.PathLike, device: str = "cpu") -> Propert
     model = PropertyModel(build_model(cfg["model"]), prop["target"], prop["mean"], prop["std"])
     model.load_state_dict(ck["ema"])
     return model.to(device).eval()
+
+
+def export_property_ensemble(checkpoints, path: str | os.PathLike) -> Path:
+    """Write the EMA weights of property checkpoints (e.g. the CV folds) as one
+    safetensors file: member k's tensors under ``member<k>.``, configs in the metadata."""
+    from dao.train import export_weights  # noqa: PLC0415
+    from dao.train.checkpoint import load_checkpoint  # noqa: PLC0415
+
+    state, members = {}, []
+    for k, ckpt in enumerate(checkpoints):
+        ck = load_checkpoint(ckpt)
+        if "property" not in ck["run_config"]:
+            raise ValueError(f"{ckpt} is not a property model checkpoint")
+        members.append({"model": ck["run_config"]["model"], **ck["run_config"]["property"]})
+        state.update({f"member{k}.{name}": v for name, v in ck["ema"].items()})
+    if not members:
+        raise ValueError("no checkpoints given")
+    export_weights(state, {"property_ensemble": members}, path)
+    return Path(path)
+
+
+def load_property_ensemble(path: str | os.PathLike, device: str = "cpu") -> PropertyEnsemble:
+    """A :class:`PropertyEnsemble` from :func:`export_property_ensemble`'s file, or a
+    single property checkpoint (an ensemble of one)."""
+    from dao.models import build_model  # noqa: PLC0415
+    from dao.train.checkpoint import load_weights  # noqa: PLC0415
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return PropertyEnsemble([load_property_model(path, device)])
+    state, cfg = load_weights(path)
+    if "property_ensemble" not in cfg:
+        raise ValueError(f"{path} holds no property model (is it a DAO-G or DAO-P file?)")
+    models = []
+    for k, m in enumerate(cfg["property_ensemble"]):
+        model = PropertyModel(build_model(m["model"]), m["target"], m["mean"], m["std"])
+        prefix = f"member{k}."
+        own = {n[len(prefix) :]: v for n, v in state.items() if n.startswith(prefix)}
+        model.load_state_dict(own)
+        models.append(model.to(device).eval())
+    return PropertyEnsemble(models)
