@@ -134,3 +134,11 @@ def test_relax_dataset_rewrites_only_the_unstable_rows(weights, tmp_path):
     # the output reads back with the training data code
     data = load_csv(out, cache_dir=tmp_path / "cache", workers=0, progress=False)
     assert len(data.num_atoms) == len(rows)
+
+
+def test_energy_mae_command(weights, capsys):
+    gt = next(FIXTURES.glob("*test*.csv*"))
+    assert main(["energy-mae", str(gt), "--weights", str(weights)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["n"] > 10 and rep["mae_eV_per_atom"] >= 0
+    assert rep["mae_predict_training_mean"] >= 0

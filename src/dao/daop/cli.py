@@ -234,6 +234,58 @@ def _cmd_relax_dataset(args) -> int:
     return 0
 
 
+def energy_mae(daop, csv_path, *, batch_size: int = 256, max_atoms: int | None = None) -> dict:
+    """Zero-shot energy-above-hull MAE of DAO-P (t = 0) on a labelled CSV, next to the
+    MAE of predicting DAO-P's training mean for every crystal."""
+    from dao.daop.model import ENERGY_COLUMNS  # noqa: PLC0415
+    from dao.data.csv import read_csv_rows  # noqa: PLC0415
+
+    _, rows = read_csv_rows(csv_path)
+    rows = list(rows)
+    names, structures, failures = read_structures([csv_path])
+    labels = {}
+    for r in rows:
+        for col in ENERGY_COLUMNS:
+            if r.get(col) not in (None, ""):
+                labels[r.get("material_id")] = float(r[col])
+                break
+    preds, truth = [], []
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start : start + batch_size]
+        batch, kept, bad = _canonical_batch(chunk, max_atoms)
+        failures += [(names[start + k], why) for k, why in bad]
+        if batch is None:
+            continue
+        with torch.no_grad():
+            e = daop.energy(batch).tolist()
+        for k, v in zip(kept, e, strict=True):
+            y = labels.get(names[start + k])
+            if y is not None:
+                preds.append(v)
+                truth.append(y)
+    if not truth:
+        raise ValueError(f"{csv_path}: no labelled structure could be predicted")
+    import numpy as np  # noqa: PLC0415
+
+    p, y = np.asarray(preds), np.asarray(truth)
+    return {
+        "csv": str(csv_path),
+        "n": int(len(y)),
+        "skipped": len(failures),
+        "mae_eV_per_atom": float(np.abs(p - y).mean()),
+        "mae_predict_training_mean": float(np.abs(float(daop.energy_mean) - y).mean()),
+        "label_mean": float(y.mean()),
+    }
+
+
+def _cmd_energy_mae(args) -> int:
+    from dao.pretrained import load_daop  # noqa: PLC0415
+
+    daop, _ = load_daop(args.weights, args.device)
+    print(json.dumps(energy_mae(daop, args.csv, max_atoms=args.max_atoms), indent=1))
+    return 0
+
+
 def _cmd_tc_cv(args) -> int:
     from dao.daop.property import export_property_ensemble  # noqa: PLC0415
     from dao.daop.tc import cross_validate_tc, load_3dsc  # noqa: PLC0415
@@ -322,6 +374,16 @@ def add_daop_parsers(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_relax_dataset)
+
+    p = subparsers.add_parser(
+        "energy-mae",
+        help="zero-shot energy-above-hull MAE of DAO-P on a labelled CSV",
+    )
+    p.add_argument("csv", help="CDVAE-format CSV with e_above_hull / energy_above_hull")
+    p.add_argument("--weights", default=None, help="DAO-P weights (default: shipped model)")
+    p.add_argument("--max-atoms", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_energy_mae)
 
     p = subparsers.add_parser(
         "tc-cv",
