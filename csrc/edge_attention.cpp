@@ -152,7 +152,8 @@ void backward_impl(const Shape& sh, DType dt, const BackwardArgs& a, int num_thr
         thread_local Scratch scratch;
         const int64_t c = order[static_cast<size_t>(item)];
         const int64_t nc = a.ptr[c + 1] - a.ptr[c];
-        const size_t need = static_cast<size_t>(3 * nc * sh.dim + sh.dim + sh.heads);
+        const size_t need =
+            static_cast<size_t>(4 * nc * sh.dim + sh.dim + sh.heads + nc * sh.heads);
         if (scratch.t.size() * sizeof(double) < need * sizeof(T))
             scratch.t.resize(need * sizeof(T) / sizeof(double) + 1);
         if (scratch.d.size() < static_cast<size_t>(4 * nc + 1)) scratch.d.resize(4 * nc + 1);
@@ -240,7 +241,7 @@ void register_edge_attention(py::module_& m) {
         "edge_attention_backward",
         [](std::uintptr_t grad_o, std::uintptr_t grad_y, std::uintptr_t q, std::uintptr_t k,
            std::uintptr_t v, std::uintptr_t u, std::uintptr_t frac, std::uintptr_t gram,
-           std::uintptr_t ptr, std::uintptr_t o, std::uintptr_t y, std::uintptr_t lse,
+           std::uintptr_t ptr, std::uintptr_t o, std::uintptr_t lse, std::uintptr_t y,
            std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t du,
            std::uintptr_t dfrac, std::uintptr_t dgram, int64_t n_atoms, int64_t n_crystals,
            int64_t heads, int64_t d, int64_t dim, int64_t num_freqs, double eps, int dtype,
@@ -252,14 +253,14 @@ void register_edge_attention(py::module_& m) {
                                as_ptr<const void>(v),      as_ptr<const void>(u),
                                as_ptr<const void>(frac),   as_ptr<const void>(gram),
                                as_ptr<const int64_t>(ptr), as_ptr<const void>(o),
-                               as_ptr<const void>(y),      as_ptr<const void>(lse),
+                               as_ptr<const void>(lse),    as_ptr<void>(y),
                                as_ptr<void>(dq),           as_ptr<void>(dk),
                                as_ptr<void>(dv),           as_ptr<void>(du),
                                as_ptr<void>(dfrac),        as_ptr<void>(dgram)};
             py::gil_scoped_release release;
             ea::backward(sh, dt, a, num_threads);
         },
-        "Fused edge-attention backward (see edge_attention.hpp): fills dq..dgram.");
+        "Fused edge-attention backward (see edge_attention.hpp): fills y (recomputed) and dq..dgram.");
     m.def("edge_attention_isa", &ea::isa, "Instruction set the CPU kernels run with.");
 }
 

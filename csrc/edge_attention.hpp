@@ -13,7 +13,8 @@
 //
 // Shapes (row-major, contiguous): q, k, v, o [N, H, d]; u, y [N, H, D] with
 // D = 6K + 9; lse [N, H]; frac [N, 3]; gram [B, 9]. The backward takes the
-// gradients of o and y and returns those of q, k, v, u, frac and gram.
+// gradients of o and y (and o, lse of the forward) and returns those of q, k, v, u,
+// frac and gram, plus y recomputed (so no caller has to keep the [N, H, D] y).
 // Nothing per edge is written to memory: features are recomputed per centre atom
 // into a small thread-local buffer (forward and backward).
 #pragma once
@@ -59,8 +60,8 @@ struct BackwardArgs {
     const void* gram;
     const int64_t* ptr;
     const void* o;
-    const void* y;
     const void* lse;
+    void* y;  // output: y recomputed (the forward's y is not kept)
     void* dq;
     void* dk;
     void* dv;

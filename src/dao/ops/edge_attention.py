@@ -104,24 +104,24 @@ def _cpp_forward(q, k, v, u, frac, gram, ptr, num_freqs, eps):
     return o, y, lse
 
 
-def _cpp_backward(grad_o, grad_y, q, k, v, u, frac, gram, ptr, o, y, lse, num_freqs, eps):
+def _cpp_backward(grad_o, grad_y, q, k, v, u, frac, gram, ptr, o, lse, num_freqs, eps):
     n, heads, d = q.shape
     dim = u.shape[2]
-    ts = (grad_o, grad_y, q, k, v, u, frac, o, y, lse)
-    grad_o, grad_y, q, k, v, u, frac, o, y, lse = (t.contiguous() for t in ts)
+    ts = (grad_o, grad_y, q, k, v, u, frac, o, lse)
+    grad_o, grad_y, q, k, v, u, frac, o, lse = (t.contiguous() for t in ts)
     gram = gram.reshape(-1, 9).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     du, dfrac = torch.empty_like(u), torch.empty_like(frac)
-    dgram = torch.empty_like(gram)
+    dgram, y = torch.empty_like(gram), torch.empty_like(u)
     load_core().edge_attention_backward(
         grad_o.data_ptr(), grad_y.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
         u.data_ptr(), frac.data_ptr(), gram.data_ptr(), ptr.data_ptr(), o.data_ptr(),
-        y.data_ptr(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        lse.data_ptr(), y.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         du.data_ptr(), dfrac.data_ptr(), dgram.data_ptr(),
         n, gram.shape[0], heads, d, dim, num_freqs, float(eps), _DTYPE_CODE[q.dtype],
         _num_threads(),
     )  # fmt: skip
-    return dq, dk, dv, du, dfrac, dgram
+    return dq, dk, dv, du, dfrac, dgram, y
 
 
 def _torch_backward(grad_o, grad_y, q, k, v, u, frac, gram, batch, num_freqs, eps):
@@ -129,7 +129,8 @@ def _torch_backward(grad_o, grad_y, q, k, v, u, frac, gram, batch, num_freqs, ep
     with torch.enable_grad():
         o, y, _ = _ref.edge_attention_core(*ins, batch, num_freqs, eps)
         grads = torch.autograd.grad((o, y), ins, (grad_o, grad_y), allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads, strict=True))
+    grads = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads, strict=True))
+    return (*grads, y.detach())
 
 
 # ------------------------------------------------------------------ the op
@@ -184,45 +185,51 @@ def _core_backward_op(
     batch: Tensor,
     ptr: Tensor,
     o: Tensor,
-    y: Tensor,
     lse: Tensor,
     num_freqs: int,
     eps: float,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v, u, frac, gram and the forward's y, recomputed (the
+    forward's [N, H, D] y need not be kept for the backward)."""
     if backend == "cpp":
-        return _cpp_backward(grad_o, grad_y, q, k, v, u, frac, gram, ptr, o, y, lse, num_freqs, eps)
+        return _cpp_backward(grad_o, grad_y, q, k, v, u, frac, gram, ptr, o, lse, num_freqs, eps)
     if backend == "triton":
-        from dao.kernels.edge_attention import edge_attention_core_backward  # noqa: PLC0415
+        from dao.kernels.edge_attention import (  # noqa: PLC0415
+            edge_attention_core_backward,
+            edge_attention_core_forward,
+        )
 
-        return edge_attention_core_backward(
+        _, y, _ = edge_attention_core_forward(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps)
+        grads = edge_attention_core_backward(
             grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, o, y, lse, num_freqs, eps
         )
+        return (*grads, y)
     return _torch_backward(grad_o, grad_y, q, k, v, u, frac, gram, batch, num_freqs, eps)
 
 
 @_core_backward_op.register_fake
-def _(grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, o, y, lse, num_freqs, eps, backend):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, u, frac, gram))
+def _(grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, o, lse, num_freqs, eps, backend):
+    return (*(t.new_empty(t.shape) for t in (q, k, v, u, frac, gram)), u.new_empty(u.shape))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, u, frac, gram, batch, ptr, num_freqs, eps, backend = inputs
-    o, y, lse = output
-    ctx.save_for_backward(q, k, v, u, frac, gram, batch, ptr, o, y, lse)
+    o, _y, lse = output
+    ctx.save_for_backward(q, k, v, u, frac, gram, batch, ptr, o, lse)
     ctx.args = (num_freqs, eps, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_o, grad_y, _grad_lse):
-    q, k, v, u, frac, gram, batch, ptr, o, y, lse = ctx.saved_tensors
+    q, k, v, u, frac, gram, batch, ptr, o, lse = ctx.saved_tensors
     num_freqs, eps, backend = ctx.args
     if grad_o is None:
         grad_o = torch.zeros_like(o)
     if grad_y is None:
-        grad_y = torch.zeros_like(y)
-    grads = _core_backward_op(
-        grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, o, y, lse, num_freqs, eps, backend
+        grad_y = torch.zeros_like(u)
+    *grads, _y = _core_backward_op(
+        grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, o, lse, num_freqs, eps, backend
     )
     return (*grads, None, None, None, None, None)
 
@@ -346,20 +353,55 @@ def edge_attention(
     if lattice.dim() != 3 or lattice.shape[1:] != (3, 3):
         raise ValueError(f"lattice must be [B, 3, 3], got {list(lattice.shape)}")
     w = (edge_weight * norm_weight).view(heads, d, dim)  # LayerNorm affine folded in
-    b = torch.mv(edge_weight, norm_bias) + edge_bias
+    b = (torch.mv(edge_weight, norm_bias) + edge_bias).view(heads, d)
     qh = q.view(n, heads, d) * (1.0 / math.sqrt(d))
-    u = torch.einsum("nhd,hdD->nhD", qh, w)
-    o, y, _ = edge_attention_core(
-        qh,
-        k.view(n, heads, d),
-        v.view(n, heads, d),
-        u,
-        frac,
-        lattice_gram(lattice),
-        batch,
-        num_freqs,
-        eps,
-        backend=backend,
-    )
-    out = o + torch.einsum("nhD,hdD->nhd", y, w) + b.view(heads, d)
+    gram = lattice_gram(lattice)
+    _check_core(
+        qh, k.view(n, heads, d), v.view(n, heads, d), qh.new_empty((n, heads, dim)),
+        frac, gram, batch, num_freqs,
+    )  # fmt: skip
+    backend = _resolve_backend(backend, q.device)
+    if backend == "cpp" and q.dtype not in _DTYPE_CODE:
+        raise ValueError(f"the cpp backend takes float32 or float64, got {q.dtype}")
+    batch = batch.to(torch.int64)
+    ptr = _crystal_ptr(batch, gram.shape[0])
+    out, _o, _lse = _FusedEdgeAttention.apply(
+        qh, k.view(n, heads, d), v.view(n, heads, d), frac, gram, w, b, batch, ptr,
+        int(num_freqs), float(eps), backend,
+    )  # fmt: skip
     return out.reshape(n, h)
+
+
+class _FusedEdgeAttention(torch.autograd.Function):
+    """out = o + W'·y + b' with (o, y) from the core op; saves only node-level inputs,
+    o and lse: u = W'ᵀq and y ([N, H, 6K + 9] each) are recomputed in the backward."""
+
+    @staticmethod
+    def forward(qh, k, v, frac, gram, w, b, batch, ptr, num_freqs, eps, backend):
+        u = torch.einsum("nhd,hdD->nhD", qh, w)
+        o, y, lse = _core_op(qh, k, v, u, frac, gram, batch, ptr, num_freqs, eps, backend)
+        out = o + torch.einsum("nhD,hdD->nhd", y, w) + b
+        return out, o, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        qh, k, v, frac, gram, w, _b, batch, ptr, num_freqs, eps, backend = inputs
+        _out, o, lse = output
+        ctx.save_for_backward(qh, k, v, frac, gram, w, batch, ptr, o, lse)
+        ctx.args = (num_freqs, eps, backend)
+        ctx.mark_non_differentiable(o, lse)
+
+    @staticmethod
+    def backward(ctx, dout, _do, _dlse):
+        qh, k, v, frac, gram, w, batch, ptr, o, lse = ctx.saved_tensors
+        num_freqs, eps, backend = ctx.args
+        dout = dout.contiguous()
+        u = torch.einsum("nhd,hdD->nhD", qh, w)
+        dy = torch.einsum("nhd,hdD->nhD", dout, w)
+        dq, dk, dv, du, dfrac, dgram, y = _core_backward_op(
+            dout, dy, qh, k, v, u, frac, gram, batch, ptr, o, lse, num_freqs, eps, backend
+        )
+        dq = dq + torch.einsum("nhD,hdD->nhd", du, w)
+        dw = torch.einsum("nhd,nhD->hdD", dout, y) + torch.einsum("nhd,nhD->hdD", qh, du)
+        db = dout.sum(0)
+        return dq, dk, dv, dfrac, dgram, dw, db, None, None, None, None, None
