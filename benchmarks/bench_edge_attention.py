@@ -13,7 +13,8 @@ Models: the shipped size (4 layers, 128, 4 heads, K = 32) and the paper size (12
 atoms) and of ``mpts_52/val`` (<= 52 atoms) from ../shared/data. Measured per
 provider: forward (the DAO-G loss, with autograd recording), backward, a full
 training step (forward + backward + Adam), and the peak heap growth during one
-training step (glibc ``mallinfo2`` sampled every 0.2 ms from a watcher thread).
+training step (CPU: glibc ``mallinfo2`` sampled every 0.2 ms from a watcher thread;
+GPU: ``torch.cuda.max_memory_allocated`` above the allocation before the step).
 Times are medians of ``--repeats`` runs after a warm-up step.
 
 Run (rows go to benchmarks/results/edge_attention.csv)::
@@ -104,21 +105,39 @@ def load_batch(csv_name: str, n: int):
     )
 
 
-def make_diffusion(size: str, provider: str):
+def make_diffusion(size: str, provider: str, device: str = "cpu"):
     from dao.pretrained import build_diffusion  # noqa: PLC0415
 
     torch.manual_seed(0)
-    diff = build_diffusion({"model": {"model": "crysformer", **SIZES[size]}})
+    diff = build_diffusion({"model": {"model": "crysformer", **SIZES[size]}}).to(device)
     diff.model.edge_impl = "naive" if provider.startswith("reference") else provider
     if provider == "reference+compile":
         diff.model = torch.compile(diff.model, dynamic=False)
     return diff
 
 
-def measure(size: str, wl: str, provider: str, batch, repeats: int) -> dict:
-    diff = make_diffusion(size, provider)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_cuda_growth(fn) -> int:
+    """Bytes: peak CUDA allocation during ``fn()`` minus the allocation before."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure(size: str, wl: str, provider: str, batch, repeats: int, device: str = "cpu") -> dict:
+    diff = make_diffusion(size, provider, device)
+    if provider == "fused" and device == "cuda":
+        diff.model.edge_impl = "fused"  # the Triton kernels (auto takes factorized on GPU)
+    batch = batch.to(device)
     opt = torch.optim.Adam(diff.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def forward():
         gen.manual_seed(0)
@@ -132,21 +151,25 @@ def measure(size: str, wl: str, provider: str, batch, repeats: int) -> dict:
 
     t0 = time.perf_counter()
     step()  # warm-up (and compilation)
+    _sync(device)
     warm = time.perf_counter() - t0
     fwd, bwd, full = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         loss = forward()
+        _sync(device)
         t1 = time.perf_counter()
         loss.backward()
+        _sync(device)
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
         t0 = time.perf_counter()
         step()
+        _sync(device)
         full.append(time.perf_counter() - t0)
-    mem = peak_heap_growth(step)
+    mem = peak_cuda_growth(step) if device == "cuda" else peak_heap_growth(step)
     return {
         "forward_ms": 1e3 * statistics.median(fwd),
         "backward_ms": 1e3 * statistics.median(bwd),
@@ -162,6 +185,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="shipped size, MP-20 only, 2 repeats")
     p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--out", default=str(_harness.REPO_ROOT / "benchmarks/results/edge_attention.csv")
     )
@@ -180,7 +204,7 @@ def main(argv=None) -> None:
             batch = load_batch(csv_name, n_shipped if size == "shipped" else n_paper)
             edges = int((batch.num_atoms**2).sum())
             for provider in args.providers:
-                res = measure(size, wl, provider, batch, repeats)
+                res = measure(size, wl, provider, batch, repeats, args.device)
                 row = {
                     "model": size,
                     "workload": wl,
@@ -190,7 +214,9 @@ def main(argv=None) -> None:
                     "provider": provider,
                     **{k: round(v, 3) for k, v in res.items()},
                     "threads": args.threads,
-                    "device": facts["cpu"],
+                    "device": (
+                        torch.cuda.get_device_name() if args.device == "cuda" else facts["cpu"]
+                    ),
                     "torch": torch.__version__,
                     "commit": commit,
                     "load_avg_1min": _harness.load_avg()[0],
