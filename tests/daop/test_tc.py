@@ -60,6 +60,14 @@ def test_cross_validation_runs_and_reports(tmp_path):
             mean, (models[0].predict(crystals) + models[1].predict(crystals)) / 2
         )
     assert (tmp_path / "cv" / "report.json").exists()
+    # the exported ensemble (float16 storage) predicts what the checkpoints predict
+    from dao.daop.property import export_property_ensemble, load_property_ensemble
+
+    ckpts = [tmp_path / "cv" / f"fold{k}" / "checkpoints" / "last.pt" for k in range(2)]
+    path = export_property_ensemble(ckpts, tmp_path / "ens.safetensors")
+    loaded = load_property_ensemble(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict(crystals), mean, atol=2e-2, rtol=1e-2)
 
 
 def test_tc_cv_command_and_predict_property(tmp_path):

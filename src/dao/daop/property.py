@@ -185,9 +185,16 @@ def load_property_model(path: str | os.PathLike, device: str = "cpu") -> Propert
     return model.to(device).eval()
 
 
-def export_property_ensemble(checkpoints, path: str | os.PathLike) -> Path:
+def export_property_ensemble(
+    checkpoints, path: str | os.PathLike, storage_dtype: torch.dtype = torch.float16
+) -> Path:
     """Write the EMA weights of property checkpoints (e.g. the CV folds) as one
-    safetensors file: member k's tensors under ``member<k>.``, configs in the metadata."""
+    safetensors file: member k's tensors under ``member<k>.``, configs in the metadata.
+
+    Floating tensors are stored as ``storage_dtype`` (float16: five small models stay
+    well under 20 MB) and cast back to float32 on loading; buffers that hold
+    statistics (``target_mean`` / ``target_std``) keep float64.
+    """
     from dao.train import export_weights  # noqa: PLC0415
     from dao.train.checkpoint import load_checkpoint  # noqa: PLC0415
 
@@ -197,7 +204,9 @@ def export_property_ensemble(checkpoints, path: str | os.PathLike) -> Path:
         if "property" not in ck["run_config"]:
             raise ValueError(f"{ckpt} is not a property model checkpoint")
         members.append({"model": ck["run_config"]["model"], **ck["run_config"]["property"]})
-        state.update({f"member{k}.{name}": v for name, v in ck["ema"].items()})
+        for name, v in ck["ema"].items():
+            keep = not v.is_floating_point() or name.startswith("target_")
+            state[f"member{k}.{name}"] = v if keep else v.to(storage_dtype)
     if not members:
         raise ValueError("no checkpoints given")
     export_weights(state, {"property_ensemble": members}, path)
@@ -221,6 +230,6 @@ def load_property_ensemble(path: str | os.PathLike, device: str = "cpu") -> Prop
         model = PropertyModel(build_model(m["model"]), m["target"], m["mean"], m["std"])
         prefix = f"member{k}."
         own = {n[len(prefix) :]: v for n, v in state.items() if n.startswith(prefix)}
-        model.load_state_dict(own)
+        model.load_state_dict(own)  # load_state_dict casts into the float32 parameters
         models.append(model.to(device).eval())
     return PropertyEnsemble(models)
