@@ -72,3 +72,18 @@ def test_shards_split_the_job(tiny_weights, tmp_path):
     assert len(load_predictions(outs)) == 5
     with pytest.raises(ValueError, match="shard"):
         sample_test_set(gt, tmp_path / "x.jsonl", shard=(2, 2), **kw)
+
+
+def test_guided_sampling_changes_the_samples(tiny_weights, tmp_path):
+    from helpers import write_tiny_daop
+
+    gt = next(FIXTURES.glob("*test*.csv*"))
+    daop = write_tiny_daop(tmp_path / "p.safetensors", timesteps=4)
+    kw = {"weights": tiny_weights, "subset": 2, "seed": 1, "progress": False}
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    sample_test_set(gt, a, **kw)
+    sample_test_set(gt, b, daop_weights=daop, guidance_scale=50.0, **kw)
+    ra = [json.loads(x) for x in a.read_text().splitlines()]
+    rb = [json.loads(x) for x in b.read_text().splitlines()]
+    assert [r["material_id"] for r in ra] == [r["material_id"] for r in rb]
+    assert any(x["lattice"] != y["lattice"] for x, y in zip(ra, rb, strict=True))

@@ -55,6 +55,8 @@ def sample_test_set(
     device: str = "cpu",
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    daop_weights: str | os.PathLike | None = None,
+    guidance_scale: float = 0.0,
 ) -> dict:
     """Write ``num_samples`` DAO-G samples per test crystal to ``out`` (JSONL).
 
@@ -98,11 +100,19 @@ def sample_test_set(
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     kwargs = {} if step_lr is None else {"step_lr": step_lr}
+    daop = None
+    if guidance_scale != 0.0:
+        from dao.pretrained import load_daop  # noqa: PLC0415
+
+        daop, _ = load_daop(daop_weights, device)
+        kwargs["guidance_scale"] = float(guidance_scale)
     for b0 in range(0, len(jobs), batch_size):
         chunk = jobs[b0 : b0 + batch_size]
         types = torch.tensor([z for _, _, zs in chunk for z in zs], device=device)
         nums = torch.tensor([len(zs) for _, _, zs in chunk], device=device)
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b0)
+        if daop is not None:
+            kwargs["energy_guidance"] = daop.guidance(types)
         with torch.no_grad():
             res = diffusion.sample(types, nums, generator=gen, progress=progress, **kwargs)
         ptr = [0, *torch.cumsum(nums, 0).tolist()]
@@ -145,6 +155,13 @@ def add_sample_parser(subparsers) -> None:
         metavar="K/N",
         help="sample only crystals K, K+N, K+2N, ... of the list (N processes, N files)",
     )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=0.0,
+        help="energy guidance from DAO-P with this scale (the paper uses 20); 0 = off",
+    )
+    p.add_argument("--daop-weights", default=None, help="DAO-P weights (default: shipped)")
     p.add_argument("-q", "--quiet", action="store_true")
 
     def run(args) -> int:
@@ -168,6 +185,8 @@ def add_sample_parser(subparsers) -> None:
             device=args.device,
             progress=not args.quiet,
             shard=shard,
+            daop_weights=args.daop_weights,
+            guidance_scale=args.guidance_scale,
         )
         print(json.dumps(info))
         return 0
