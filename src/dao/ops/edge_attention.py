@@ -249,7 +249,7 @@ def _check_core(q, k, v, u, frac, gram, batch, num_freqs) -> None:
     dim = 6 * num_freqs + 9
     if num_freqs < 1:
         raise ValueError(f"num_freqs must be >= 1, got {num_freqs}")
-    if u.shape != (n, heads, dim):
+    if u is not None and u.shape != (n, heads, dim):
         raise ValueError(f"u must be [N, H, 6K + 9] = {[n, heads, dim]}, got {list(u.shape)}")
     if frac.shape != (n, 3):
         raise ValueError(f"frac must be [N, 3] = {[n, 3]}, got {list(frac.shape)}")
@@ -257,7 +257,7 @@ def _check_core(q, k, v, u, frac, gram, batch, num_freqs) -> None:
         raise ValueError(f"gram must be [B, 9] or [B, 3, 3], got {list(gram.shape)}")
     if batch.shape != (n,) or batch.dtype.is_floating_point:
         raise ValueError(f"batch must be an integer [N] = [{n}] tensor, got {list(batch.shape)}")
-    floats = (q, k, v, u, frac, gram)
+    floats = tuple(t for t in (q, k, v, u, frac, gram) if t is not None)
     if len({t.dtype for t in floats}) != 1 or not q.dtype.is_floating_point:
         raise ValueError(
             "q, k, v, u, frac and gram must share one floating dtype, got "
@@ -356,10 +356,7 @@ def edge_attention(
     b = (torch.mv(edge_weight, norm_bias) + edge_bias).view(heads, d)
     qh = q.view(n, heads, d) * (1.0 / math.sqrt(d))
     gram = lattice_gram(lattice)
-    _check_core(
-        qh, k.view(n, heads, d), v.view(n, heads, d), qh.new_empty((n, heads, dim)),
-        frac, gram, batch, num_freqs,
-    )  # fmt: skip
+    _check_core(qh, k.view(n, heads, d), v.view(n, heads, d), None, frac, gram, batch, num_freqs)
     backend = _resolve_backend(backend, q.device)
     if backend == "cpp" and q.dtype not in _DTYPE_CODE:
         raise ValueError(f"the cpp backend takes float32 or float64, got {q.dtype}")
