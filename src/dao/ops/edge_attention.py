@@ -16,12 +16,13 @@ never writes per-edge data to memory; it rests on two exact rewrites:
   with o_i = Σ_j α_ij v_j, y_i = Σ_j α_ij z_ij (Σ_j α_ij = 1: every atom has its
   self pair) and q_i·b' dropped (constant over j, the softmax ignores it).
 
-:func:`edge_attention` does the node-level parts (folding, u = W'ᵀq, W'·y) in
-PyTorch, where autograd handles them, and calls the core op for the pair loop:
+:func:`edge_attention` wraps the layer in one autograd Function: the node-level parts
+(folding, u = W'ᵀq, W'·y) are dense PyTorch products, the pair loop is the core op:
 per centre atom i it recomputes z_ij on the fly for every j of the crystal, takes
-the softmax and accumulates o_i and y_i; it also returns the log-sum-exp of the
-scores so the backward recomputes α without a second softmax pass
-(flash-attention style). Backends of the core:
+the softmax and accumulates o_i and y_i, and returns the log-sum-exp of the scores
+so the backward recomputes α without a second softmax pass (flash-attention style).
+Only node-level tensors of width <= h are kept for the backward (q, k, v, o, lse):
+u and y ([N, H, 6K + 9]) are recomputed there. Backends of the core:
 
 * ``"cpp"``: the multithreaded C++ kernel (``csrc/edge_attention.cpp``), CPU.
 * ``"triton"``: ``dao.kernels.edge_attention``, on a GPU or under TRITON_INTERPRET=1.
