@@ -261,30 +261,15 @@ def _nan_last(x: float) -> float:
 def _energies(daop, structures) -> list[float]:
     """DAO-P energy above hull (eV/atom) of each structure, canonicalised like its
     training data; NaN for a structure that cannot be canonicalised."""
-    import numpy as np  # noqa: PLC0415
-
-    from dao.data.crystal import CrystalBatch  # noqa: PLC0415
-    from dao.data.csv import canonicalize  # noqa: PLC0415
+    from dao.data.crystal import canonical_batch  # noqa: PLC0415
 
     out = [math.nan] * len(structures)
-    parts, idx = [], []
-    for k, s in enumerate(structures):
-        try:
-            parts.append(canonicalize(s))
-            idx.append(k)
-        except ValueError:
-            continue
-    if not parts:
+    batch, kept, _ = canonical_batch(structures)
+    if batch is None:
         return out
-    batch = CrystalBatch(
-        torch.as_tensor(np.concatenate([p[0] for p in parts])),
-        torch.as_tensor(np.concatenate([p[1] for p in parts])),
-        torch.as_tensor(np.stack([p[2] for p in parts])),
-        torch.as_tensor([len(p[0]) for p in parts]),
-    )
     with torch.no_grad():
         e = daop.energy(batch).tolist()
-    for k, v in zip(idx, e, strict=True):
+    for k, v in zip(kept, e, strict=True):
         out[k] = float(v)
     return out
 

@@ -46,10 +46,11 @@ def test_predict_files_and_csv(weights, files, tmp_path, capsys):
     assert "skipped" in capsys.readouterr().err  # the broken file, reported
     # the energies are the model's, de-standardised, and independent of the batch
     daop, _ = load_daop(weights)
-    from dao.daop.cli import _canonical_batch, read_structures
+    from dao.daop.cli import read_structures
+    from dao.data.crystal import canonical_batch
 
     _, structures, _ = read_structures([files[0]])
-    batch, _, _ = _canonical_batch(structures, None)
+    batch, _, _ = canonical_batch(structures)
     with torch.no_grad():
         e = float(daop.energy(batch)[0])
     assert float(rows[0]["e_above_hull_pred_eV_per_atom"]) == pytest.approx(e, abs=1e-5)

@@ -128,9 +128,7 @@ def test_gradients_match_reference_twin(dtype, outputs):
 
 # Training on forces (F = -dE/dr, then a loss on F) differentiates the backward
 # itself, including the path where the backward recomputes the vectors.
-@pytest.mark.parametrize(
-    "outputs", ["distances", "vectors", "both"]
-)
+@pytest.mark.parametrize("outputs", ["distances", "vectors", "both"])
 def test_gradgradcheck(outputs):
     want_d, want_v = OUTPUTS[outputs]
     pos, cell, num, pbc, cutoff = _small_batch(31, 1, n_atoms=3)

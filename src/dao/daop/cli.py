@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dao.data.crystal import canonical_batch
+
 __all__ = ["add_daop_parsers", "read_structures"]
 
 log = logging.getLogger(__name__)
@@ -62,39 +64,6 @@ def _read_structures(paths):
         except Exception as exc:  # noqa: BLE001 - one bad file is skipped
             failures.append((str(p), f"pymatgen cannot read it: {exc}"))
     return names, structures, failures
-
-
-def _canonical_batch(structures, max_atoms: int | None):
-    """CrystalBatch of the canonicalised structures; (batch, kept indices, failures)."""
-    import numpy as np  # noqa: PLC0415
-
-    from dao.data.crystal import CrystalBatch  # noqa: PLC0415
-    from dao.data.csv import canonicalize  # noqa: PLC0415
-
-    types, fracs, lats, nums, kept, failures = [], [], [], [], [], []
-    for k, s in enumerate(structures):
-        if max_atoms is not None and len(s) > max_atoms:
-            failures.append((k, f"{len(s)} atoms, more than this model's {max_atoms}"))
-            continue
-        try:
-            z, f, lat = canonicalize(s)
-        except ValueError as exc:
-            failures.append((k, str(exc)))
-            continue
-        types.append(z)
-        fracs.append(f)
-        lats.append(lat)
-        nums.append(len(z))
-        kept.append(k)
-    if not kept:
-        return None, kept, failures
-    batch = CrystalBatch(
-        torch.as_tensor(np.concatenate(types), dtype=torch.int64),
-        torch.as_tensor(np.concatenate(fracs)),
-        torch.as_tensor(np.stack(lats)),
-        torch.as_tensor(nums, dtype=torch.int64),
-    )
-    return batch, kept, failures
 
 
 def _write_table(rows: list[dict], out: str | None) -> None:
@@ -149,7 +118,7 @@ def _cmd_predict(args) -> int:
     rows = []
     for start in range(0, len(structures), args.batch_size):
         chunk = structures[start : start + args.batch_size]
-        batch, kept, bad = _canonical_batch(chunk, args.max_atoms)
+        batch, kept, bad = canonical_batch(chunk, args.max_atoms)
         failures += [(names[start + k], why) for k, why in bad]
         if batch is None:
             continue
@@ -177,7 +146,7 @@ def _cmd_relax(args) -> int:
 
     daop, _ = load_daop(args.weights, args.device)
     names, structures, failures = read_structures(args.files)
-    batch, kept, bad = _canonical_batch(structures, args.max_atoms)
+    batch, kept, bad = canonical_batch(structures, args.max_atoms)
     failures += [(names[k], why) for k, why in bad]
     for name, why in failures:
         print(f"skipped {name}: {why}", file=sys.stderr)
@@ -252,7 +221,7 @@ def energy_mae(daop, csv_path, *, batch_size: int = 256, max_atoms: int | None =
     preds, truth = [], []
     for start in range(0, len(structures), batch_size):
         chunk = structures[start : start + batch_size]
-        batch, kept, bad = _canonical_batch(chunk, max_atoms)
+        batch, kept, bad = canonical_batch(chunk, max_atoms)
         failures += [(names[start + k], why) for k, why in bad]
         if batch is None:
             continue

@@ -20,7 +20,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 
 __all__ = ["relax_dataset"]
 
@@ -59,12 +58,12 @@ def relax_dataset(
         before and after over the relaxed rows, and the mean/max change of the
         lattice (relative) and of the cartesian positions (Å).
     """
-    from pymatgen.core import Lattice, Structure  # noqa: PLC0415
+    from pymatgen.core import Structure  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     from dao.daop.relax import relax  # noqa: PLC0415
-    from dao.data.crystal import CrystalBatch  # noqa: PLC0415
-    from dao.data.csv import canonicalize, read_csv_rows  # noqa: PLC0415
+    from dao.data.crystal import canonical_batch  # noqa: PLC0415
+    from dao.data.csv import read_csv_rows  # noqa: PLC0415
 
     if not low < high:
         raise ValueError(f"need low < high, got ({low}, {high}]")
@@ -81,26 +80,26 @@ def relax_dataset(
     bar = tqdm(total=len(selected), disable=not progress, desc="relaxing", unit="crystal")
     for b0 in range(0, len(selected), batch_size):
         chunk = selected[b0 : b0 + batch_size]
-        parts, ok = [], []
+        parsed, parsed_rows = [], []
         for k in chunk:
             try:
                 with warnings.catch_warnings():  # pymatgen's parser chatter
                     warnings.simplefilter("ignore")
-                    s = Structure.from_str(rows[k]["cif"], fmt="cif")
-                parts.append(canonicalize(s))
-                ok.append(k)
+                    parsed.append(Structure.from_str(rows[k]["cif"], fmt="cif"))
+                parsed_rows.append(k)
             except Exception as exc:  # noqa: BLE001 - a bad row is copied unchanged
                 log.warning("row %d (%s) skipped: %s", k, rows[k].get("material_id"), exc)
                 report["failed"] += 1
-        if not ok:
+        batch, kept, bad = canonical_batch(parsed)
+        for j, why in bad:
+            k = parsed_rows[j]
+            log.warning("row %d (%s) skipped: %s", k, rows[k].get("material_id"), why)
+            report["failed"] += 1
+        if batch is None:
             bar.update(len(chunk))
             continue
-        batch = CrystalBatch(
-            torch.as_tensor(np.concatenate([p[0] for p in parts])),
-            torch.as_tensor(np.concatenate([p[1] for p in parts])),
-            torch.as_tensor(np.stack([p[2] for p in parts])),
-            torch.as_tensor([len(p[0]) for p in parts]),
-        )
+        ok = [parsed_rows[j] for j in kept]
+        starts = batch.to_structures()
         res = relax(daop, batch, steps=steps, lr=lr)
         structures = res.crystals.to_structures()
         for j, k in enumerate(ok):
@@ -116,9 +115,9 @@ def relax_dataset(
             )
             e_before.append(before)
             e_after.append(after)
-            lat0 = Lattice(parts[j][2])
+            lat0 = starts[j].lattice
             dlat.append(float(np.abs(s_new.lattice.matrix - lat0.matrix).max() / max(lat0.abc)))
-            frac_move = s_new.frac_coords - parts[j][1]
+            frac_move = s_new.frac_coords - starts[j].frac_coords
             frac_move -= np.round(frac_move)  # nearest image: wrapping is not a move
             disp = frac_move @ s_new.lattice.matrix
             dpos.append(float(np.linalg.norm(disp, axis=1).max()))

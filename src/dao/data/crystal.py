@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["CrystalBatch"]
+__all__ = ["CrystalBatch", "canonical_batch"]
 
 
 def _as_long(x, name: str) -> torch.Tensor:
@@ -233,3 +233,38 @@ class CrystalBatch:
             Atoms(numbers=t, scaled_positions=f, cell=lat, pbc=True)
             for t, f, lat in self._split_numpy()
         ]
+
+
+def canonical_batch(
+    structures, max_atoms: int | None = None, dtype: torch.dtype = torch.float64
+) -> tuple[CrystalBatch | None, list[int], list[tuple[int, str]]]:
+    """Niggli-reduced, canonically oriented structures (as the training data) as one batch.
+
+    Args:
+        structures: pymatgen ``Structure`` objects.
+        max_atoms: structures with more atoms are left out.
+
+    Returns:
+        (batch of the usable structures or None if there are none, their indices in
+        ``structures``, [(index, reason)] of the left-out ones).
+    """
+    from dao.data.csv import canonicalize  # noqa: PLC0415
+
+    types, fracs, lats, nums, kept, failures = [], [], [], [], [], []
+    for k, s in enumerate(structures):
+        if max_atoms is not None and len(s) > max_atoms:
+            failures.append((k, f"{len(s)} atoms, more than this model's {max_atoms}"))
+            continue
+        try:
+            z, f, lat = canonicalize(s)
+        except ValueError as exc:
+            failures.append((k, str(exc)))
+            continue
+        types.append(z)
+        fracs.append(f)
+        lats.append(lat)
+        nums.append(len(z))
+        kept.append(k)
+    if not kept:
+        return None, kept, failures
+    return CrystalBatch._from_lists(types, fracs, lats, nums, dtype), kept, failures
