@@ -41,8 +41,10 @@ __all__ = [
     "record_not_run",
     "resolve_threads",
     "threads",
+    "row_facts",
     "time_call",
     "wait_for_load",
+    "write_rows_csv",
 ]
 
 DEFAULT_THREADS = 2
@@ -221,3 +223,31 @@ def time_call(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
+
+
+def row_facts(n_threads: int, device: str) -> dict[str, Any]:
+    """The facts every row of a plain-script benchmark carries: threads, device name,
+    torch version, commit (``+dirty`` when tracked files differ), load and UTC time."""
+    git = git_commit()
+    return {
+        "threads": n_threads,
+        "device": device,
+        "torch": torch.__version__,
+        "commit": (git.get("id") or "") + ("+dirty" if git.get("dirty") else ""),
+        "load_avg_1min": load_avg()[0],
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def write_rows_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write benchmark rows (one dict each, same keys) as a CSV; returns the path."""
+    import csv  # noqa: PLC0415
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {len(rows)} rows to {out}")
+    return out

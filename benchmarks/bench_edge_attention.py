@@ -25,9 +25,7 @@ Run (rows go to benchmarks/results/edge_attention.csv)::
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
-import datetime as dt
 import statistics
 import sys
 import threading
@@ -194,9 +192,7 @@ def main(argv=None) -> None:
     sizes = ["shipped"] if args.quick else list(SIZES)
     wls = ["mp20"] if args.quick else list(WORKLOADS)
     repeats = 2 if args.quick else args.repeats
-    facts = _harness.machine_facts(args.threads, _harness.load_avg())
-    git = facts.get("git") or {}
-    commit = (git.get("id") or "") + ("+dirty" if git.get("dirty") else "")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else _harness.cpu_model()
     rows = []
     for size in sizes:
         for wl in wls:
@@ -213,26 +209,13 @@ def main(argv=None) -> None:
                     "edges": edges,
                     "provider": provider,
                     **{k: round(v, 3) for k, v in res.items()},
-                    "threads": args.threads,
-                    "device": (
-                        torch.cuda.get_device_name() if args.device == "cuda" else facts["cpu"]
-                    ),
-                    "torch": torch.__version__,
-                    "commit": commit,
-                    "load_avg_1min": _harness.load_avg()[0],
-                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    **_harness.row_facts(args.threads, device_name),
                 }
                 rows.append(row)
                 print({k: row[k] for k in ("model", "workload", "provider", "forward_ms",
                                            "backward_ms", "train_step_ms", "peak_mem_mb")},
                       flush=True)  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {len(rows)} rows to {out}")
+    _harness.write_rows_csv(rows, args.out)
 
 
 if __name__ == "__main__":

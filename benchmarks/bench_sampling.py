@@ -25,8 +25,6 @@ Run (rows go to benchmarks/results/sampling.csv)::
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import statistics
 import sys
 import time
@@ -108,10 +106,7 @@ def main(argv=None) -> None:
     steps = 4 if args.quick else max(3, args.steps)
     models = ["shipped"] if args.quick else ["shipped", "paper"]
     wls = ["mp20"] if args.quick else list(WORKLOADS)
-    facts = _harness.machine_facts(args.threads, _harness.load_avg())
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else facts["cpu"]
-    git = facts.get("git") or {}
-    commit = (git.get("id") or "") + ("+dirty" if git.get("dirty") else "")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else _harness.cpu_model()
     rows = []
     for model in models:
         diff = make_diffusion(model, args.device)
@@ -133,23 +128,12 @@ def main(argv=None) -> None:
                     "structures_per_s": round(per_s, 5),
                     "s_per_structure": round(1.0 / per_s, 3),
                     "steps_timed": steps - 1,
-                    "threads": args.threads,
-                    "device": device_name,
-                    "torch": torch.__version__,
-                    "commit": commit,
-                    "load_avg_1min": _harness.load_avg()[0],
-                    "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    **_harness.row_facts(args.threads, device_name),
                 }
                 rows.append(row)
                 print({k: row[k] for k in ("model", "workload", "provider", "ms_per_step",
                                            "structures_per_s")}, flush=True)  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {len(rows)} rows to {out}")
+    _harness.write_rows_csv(rows, args.out)
 
 
 if __name__ == "__main__":
