@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +211,60 @@ def write_tiny_daop(path, timesteps: int = 5, energy_mean: float = 0.1, energy_s
     torch.manual_seed(0)
     export_weights(dict(build_diffusion(cfg).state_dict()), cfg, path)
     return path
+
+
+# ---------------------------------------------------- Triton kernels in tests
+# Without a GPU, Triton kernels run in its CPU interpreter, which needs
+# TRITON_INTERPRET=1 before triton is first imported (see
+# tests/ops/test_neighbor_list_triton.py for the whole story).
+TRITON_INTERPRET_MODE = (
+    os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not torch.cuda.is_available()
+)
+
+
+def triton_interpreter_usable_here() -> bool:
+    """True if triton's own library functions can run in the interpreter in this process."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.sum, InterpretedFunction)
+
+
+def triton_kernel_module(module_name: str, kernel_attr: str):
+    """Body of a module-scoped fixture: yields the kernel module in the right mode
+    (interpreter without a GPU), reloading it if it was imported in the other mode,
+    and restores TRITON_INTERPRET afterwards. Skips when triton was imported before
+    the interpreter could be switched on (then the fresh-process test runs the file)."""
+    if TRITON_INTERPRET_MODE and not triton_interpreter_usable_here():
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 was set; "
+            "test_interpreter_in_fresh_process runs these tests in a child process"
+        )
+    old = os.environ.get("TRITON_INTERPRET")
+    if TRITON_INTERPRET_MODE:
+        os.environ["TRITON_INTERPRET"] = "1"
+    kernels = importlib.import_module(module_name)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if TRITON_INTERPRET_MODE != isinstance(getattr(kernels, kernel_attr), InterpretedFunction):
+        kernels = importlib.reload(kernels)
+    yield kernels
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def run_in_fresh_interpreter(test_file: str) -> None:
+    """Run ``test_file`` in a child pytest with TRITON_INTERPRET=1 set from the start
+    (when this process cannot use the interpreter); skips when it can."""
+    if not TRITON_INTERPRET_MODE or triton_interpreter_usable_here():
+        pytest.skip("the interpreter tests run in this process")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider"]
+    cmd += ["-m", "not gpu"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, canonical_pairs, random_batch
+from helpers import (
+    TRITON_INTERPRET_MODE,
+    assert_close,
+    canonical_pairs,
+    random_batch,
+    run_in_fresh_interpreter,
+    triton_kernel_module,
+)
 
 import dao
 from dao.ops.neighbor_list import neighbor_list
@@ -43,8 +46,7 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="needs the triton package"
 )
 
-_EXTERNAL_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_INTERPRET = _EXTERNAL_INTERPRET or not torch.cuda.is_available()
+_INTERPRET = TRITON_INTERPRET_MODE
 DEVICE = "cpu" if _INTERPRET else "cuda"
 DTYPES = [torch.float64, torch.float32]
 # float32 decides |d| < cutoff in float32: pairs this close (relative) to the
@@ -53,56 +55,13 @@ BAND = 1e-5
 MAX_FLIPS = 4
 
 
-def _interpreter_usable_here() -> bool:
-    """True if triton's own library functions can run in the interpreter in this process."""
-    standard = sys.modules.get("triton.language.standard")
-    if standard is None:
-        return True
-    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
-
-    return isinstance(standard.sum, InterpretedFunction)
-
-
 @pytest.fixture(scope="module")
 def _triton_mode():
-    if _INTERPRET and not _interpreter_usable_here():
-        pytest.skip(
-            "triton was imported before TRITON_INTERPRET=1 was set; "
-            "test_interpreter_in_fresh_process runs these tests in a child process"
-        )
-    old = os.environ.get("TRITON_INTERPRET")
-    if _INTERPRET:
-        os.environ["TRITON_INTERPRET"] = "1"
-    import dao.kernels.neighbor_list as kernels  # noqa: PLC0415
-    from triton.runtime.interpreter import InterpretedFunction  # noqa: PLC0415
-
-    if _INTERPRET != isinstance(kernels._neighbor_list_pairs_kernel, InterpretedFunction):
-        importlib.reload(kernels)
-    yield kernels
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    yield from triton_kernel_module("dao.kernels.neighbor_list", "_neighbor_list_pairs_kernel")
 
 
 def test_interpreter_in_fresh_process():
-    if not _INTERPRET or _interpreter_usable_here():
-        pytest.skip("the interpreter tests run in this process")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        __file__,
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-m",
-        "not gpu",
-    ]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_in_fresh_interpreter(__file__)
 
 
 def _ptr(num_atoms: torch.Tensor) -> torch.Tensor:
