@@ -187,6 +187,24 @@ def test_training_pool_on_fixtures(cache):
         training_pool(FIXTURES, include=["nope.csv"], cache_dir=cache, progress=False)
 
 
+def test_training_pool_from_run_config_home_paths_and_exclude_ids(cache, tmp_path, monkeypatch):
+    """``[data]`` of a run config: include paths may start with ~, exclude_ids are honoured."""
+    import shutil
+
+    from dao.train.run import _datasets
+
+    home = tmp_path / "home"
+    (home / "d").mkdir(parents=True)
+    shutil.copy(FIXTURES / "perov_5" / "val.csv.gz", home / "d" / "relaxed.csv.gz")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("DAO_CACHE_DIR", str(cache))
+    cfg = {"data_root": str(FIXTURES), "include": ["~/d/relaxed.csv.gz"], "val_fraction": 0.0}
+    _, _, pool = _datasets(cfg, seed=0)
+    assert sorted(pool.material_ids.tolist()) == ["15400", "18517", "3409", "8226"]
+    _, _, pool = _datasets({**cfg, "exclude_ids": ["18517", "3409"]}, seed=0)
+    assert sorted(pool.material_ids.tolist()) == ["15400", "8226"]
+
+
 def test_no_test_id_in_training_pool():
     """The held-out mp_20_pilot/test ids never enter training (real data when present)."""
     root = SHARED if REAL_DATA else FIXTURES

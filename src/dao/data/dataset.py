@@ -402,7 +402,7 @@ class RandomBatchSampler:
 
 # ------------------------------------------------------------------ the pool
 def _resolve(data_root: Path, name: str | os.PathLike) -> Path:
-    p = Path(name)
+    p = Path(name).expanduser()
     p = p if p.is_absolute() else data_root / p
     if not p.is_file():
         raise FileNotFoundError(f"pool file {p} not found (data root {data_root})")

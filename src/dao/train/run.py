@@ -4,7 +4,7 @@ A run config has four tables, and a fifth for DAO-P::
 
     [model]      # a model config: model = "crysformer" | "cspnet" and its fields
     [diffusion]  # DAOGDiffusion arguments (timesteps, sigma_begin, ...)
-    [data]       # data_root, max_atoms, val_fraction, dtype, include/exclude lists
+    [data]       # data_root, max_atoms, val_fraction, dtype, include/exclude lists, exclude_ids
     [train]      # TrainConfig fields (epochs, batch_size, lr, ...)
     [daop]       # DAO-P: energy_weight (the model needs energy_head = true); the
                  # label mean / std are computed from the training split
@@ -73,6 +73,7 @@ def _datasets(data_cfg: dict[str, Any], seed: int):
     pool = training_pool(
         root,
         exclude_files=data_cfg.get("exclude"),
+        exclude_ids=data_cfg.get("exclude_ids", ()),
         include=data_cfg.get("include"),
         max_atoms=data_cfg.get("max_atoms", 20),
         progress=True,
