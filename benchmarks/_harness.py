@@ -251,3 +251,19 @@ def write_rows_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
         w.writerows(rows)
     print(f"wrote {len(rows)} rows to {out}")
     return out
+
+
+def replace_section(md: str | os.PathLike, begin: str, end: str, block: str) -> Path:
+    """Put ``block`` (starting with ``begin``, ending with ``end``) in the markdown file
+    ``md`` in place of the old block between those markers, or append it."""
+    path = Path(md)
+    text = path.read_text() if path.exists() else ""
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1] if end in rest else ""
+        text = head + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+    print(f"updated {path}")
+    return path

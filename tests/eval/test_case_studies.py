@@ -25,7 +25,7 @@ from dao.eval.case_studies import (
 )
 
 DATA_ROOT = Path(
-    os.environ.get("DAO_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared/data")
+    os.environ.get("DAO_DATA_ROOT", Path(__file__).resolve().parents[3] / "shared/data")
 )
 
 # The cited numbers, typed here a second time so that an edit of the module shows up.

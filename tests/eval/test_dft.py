@@ -34,7 +34,7 @@ from dao.eval.dft import (
     run_pw,
 )
 
-QE_DATA = Path(__file__).parent / "data" / "qe"
+QE_DATA = Path(__file__).resolve().parents[1] / "data" / "qe"
 SI_SETTINGS = QESettings(ecutwfc=20.0, ecutrho=160.0, kpoints=(2, 2, 2))
 
 requires_pw = pytest.mark.skipif(
