@@ -72,7 +72,7 @@ def test_rows_for_a_system_with_and_without_reference(bench, tmp_path, monkeypat
     md = "\n".join(bench.markdown(back, tmp_path / "dft.png"))
     assert md.startswith(bench.BEGIN) and md.endswith(bench.END)
     assert "| Cr3Os | QE vc-relax (perturbed start) |" in md
-    assert "Cr3Os: QE vc-relax (perturbed start) (converged) took" in md
+    assert "Cr3Os: QE vc-relax (perturbed start) (converged, 2 ionic steps) took" in md
 
 
 def test_reference_cif_and_markdown_replacement(bench, tmp_path):
