@@ -20,12 +20,22 @@ Times are medians of ``--repeats`` runs after a warm-up step.
 Run (rows go to benchmarks/results/edge_attention.csv)::
 
     python benchmarks/bench_edge_attention.py [--threads 2] [--repeats 5] [--quick]
+
+``--compare-kernels`` instead times the two C++ kernels of the fused op side by side
+(``DAO_EDGE_ATTENTION_KERNEL`` = ``pairs`` | ``gemm``, switched between calls in one
+process, repeats interleaved, medians): the core op forward and backward on the
+real MP-20 batch (random node tensors of the model's shapes) and a full training
+step of the model (Adam at learning rate 0, so every repeat sees the same weights),
+for each thread count of ``--threads`` (rows go to results/edge_attention_kernels.csv)::
+
+    python benchmarks/bench_edge_attention.py --compare-kernels --threads 1 2 [--repeats 9]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import statistics
 import sys
 import threading
@@ -177,17 +187,119 @@ def measure(size: str, wl: str, provider: str, batch, repeats: int, device: str 
     }
 
 
+CPP_KERNELS = ("pairs", "gemm")
+KERNEL_ENV = "DAO_EDGE_ATTENTION_KERNEL"
+
+
+def compare_kernels(size: str, batch, repeats: int, n_threads: int) -> list[dict]:
+    """Rows (one per C++ kernel): median core forward, core backward and training
+    step in ms, measured side by side (same batch, same weights, interleaved)."""
+    from dao._graph import lattice_gram  # noqa: PLC0415
+    from dao.ops.edge_attention import _core_backward_op, _core_op, _crystal_ptr  # noqa: PLC0415
+
+    cfg = SIZES[size]
+    heads, num_freqs = cfg["heads"], cfg["num_freqs"]
+    d, dim = cfg["hidden"] // heads, 6 * num_freqs + 9
+    n, n_cryst = int(batch.num_atoms.sum()), len(batch.num_atoms)
+    index = torch.repeat_interleave(torch.arange(n_cryst), batch.num_atoms)
+    ptr = _crystal_ptr(index, n_cryst)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(n, heads, d, generator=g) / d**0.5
+    k, v = (torch.randn(n, heads, d, generator=g) for _ in range(2))
+    u = 0.1 * torch.randn(n, heads, dim, generator=g)
+    grad_o, grad_y = torch.randn(n, heads, d, generator=g), torch.randn(n, heads, dim, generator=g)
+    frac, gram = batch.frac_coords, lattice_gram(batch.lattice).reshape(-1, 9)
+    core = (q, k, v, u, frac, gram, index, ptr, num_freqs, 1e-5, "cpp")
+    o, _, lse = _core_op(*core)
+    diff = make_diffusion(size, "fused")
+    opt = torch.optim.Adam(diff.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        gen.manual_seed(0)
+        diff.loss(batch, gen)["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    calls = {
+        "core_forward_ms": lambda: _core_op(*core),
+        "core_backward_ms": lambda: _core_backward_op(
+            grad_o, grad_y, q, k, v, u, frac, gram, index, ptr, o, lse, num_freqs, 1e-5, "cpp"
+        ),
+        "train_step_ms": step,
+    }
+    times = {(kern, what): [] for kern in CPP_KERNELS for what in calls}
+    old = os.environ.get(KERNEL_ENV)
+    try:
+        with _harness.threads(n_threads):
+            for r in range(repeats + 1):  # the first round is a warm-up
+                for kern in CPP_KERNELS if r % 2 else CPP_KERNELS[::-1]:
+                    os.environ[KERNEL_ENV] = kern
+                    for what, fn in calls.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        if r:
+                            times[(kern, what)].append(1e3 * (time.perf_counter() - t0))
+    finally:
+        if old is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = old
+    return [
+        {
+            "kernel": kern,
+            **{what: round(statistics.median(times[(kern, what)]), 3) for what in calls},
+        }
+        for kern in CPP_KERNELS
+    ]
+
+
+def main_compare(args) -> None:
+    rows = []
+    device_name = _harness.cpu_model()
+    csv_name, n_shipped, n_paper = WORKLOADS["mp20"]
+    for size in ["shipped"] if args.quick else list(SIZES):
+        batch = load_batch(csv_name, n_shipped if size == "shipped" else n_paper)
+        for nt in args.threads:
+            for res in compare_kernels(size, batch, args.repeats, nt):
+                row = {
+                    "model": size,
+                    "workload": "mp20",
+                    "crystals": len(batch.num_atoms),
+                    "atoms": int(batch.num_atoms.sum()),
+                    "edges": int((batch.num_atoms**2).sum()),
+                    **res,
+                    **_harness.row_facts(nt, device_name),
+                }
+                rows.append(row)
+                print({k: row[k] for k in ("model", "threads", "kernel", "core_forward_ms",
+                                           "core_backward_ms", "train_step_ms",
+                                           "load_avg_1min")}, flush=True)  # fmt: skip
+    _harness.write_rows_csv(rows, args.out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=_harness.DEFAULT_THREADS)
+    p.add_argument("--threads", type=int, nargs="+", default=[_harness.DEFAULT_THREADS])
+    p.add_argument(
+        "--compare-kernels", action="store_true", help="pairs vs gemm C++ kernel, side by side"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="shipped size, MP-20 only, 2 repeats")
     p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--out", default=str(_harness.REPO_ROOT / "benchmarks/results/edge_attention.csv")
-    )
+    p.add_argument("--out", default=None, help="CSV path (default under benchmarks/results)")
     args = p.parse_args(argv)
+    if args.compare_kernels:
+        if args.out is None:
+            args.out = str(_harness.REPO_ROOT / "benchmarks/results/edge_attention_kernels.csv")
+        main_compare(args)
+        return
+    if args.out is None:
+        args.out = str(_harness.REPO_ROOT / "benchmarks/results/edge_attention.csv")
+    if len(args.threads) != 1:
+        p.error("--threads takes one count (several only with --compare-kernels)")
+    args.threads = args.threads[0]
     torch.set_num_threads(args.threads)
     sizes = ["shipped"] if args.quick else list(SIZES)
     wls = ["mp20"] if args.quick else list(WORKLOADS)

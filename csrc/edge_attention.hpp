@@ -15,8 +15,9 @@
 // D = 6K + 9; lse [N, H]; frac [N, 3]; gram [B, 9]. The backward takes the
 // gradients of o and y (and o, lse of the forward) and returns those of q, k, v, u,
 // frac and gram, plus y recomputed (so no caller has to keep the [N, H, D] y).
-// Nothing per edge is written to memory: features are recomputed per centre atom
-// into a small thread-local buffer (forward and backward).
+// Nothing per edge wider than a few scalars is written to memory (Kernel below):
+// the gemm kernels work on per-atom rows and per-pair scalars of one crystal, the
+// pairs kernels recompute features per centre atom into a small thread-local buffer.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +26,12 @@ namespace dao {
 namespace ea {
 
 enum class DType : int { F32 = 0, F64 = 1 };
+
+// Which per-crystal kernels run (same contract, same results within rounding):
+// Pairs builds each pair's feature vector z_ij and works on it; Gemm never forms
+// z_ij and runs the pair loop as small dense products per crystal (see the gemm
+// section of edge_attention_kernels.inc).
+enum class Kernel : int { Pairs = 0, Gemm = 1 };
 
 struct Shape {
     int64_t n_atoms = 0;
@@ -71,8 +78,10 @@ struct BackwardArgs {
 };
 
 // Throws std::invalid_argument on inconsistent sizes.
-void forward(const Shape& shape, DType dtype, const ForwardArgs& args, int num_threads);
-void backward(const Shape& shape, DType dtype, const BackwardArgs& args, int num_threads);
+void forward(const Shape& shape, DType dtype, const ForwardArgs& args, Kernel kernel,
+             int num_threads);
+void backward(const Shape& shape, DType dtype, const BackwardArgs& args, Kernel kernel,
+              int num_threads);
 
 }  // namespace ea
 }  // namespace dao

@@ -3,7 +3,9 @@
 The reference is :mod:`dao.reference.edge_attention` evaluated in float64; the
 fused op runs in float64 and float32 and is compared with the tolerance row of
 its dtype. Gradients of every input are checked the same way, plus gradcheck,
-opcheck and torch.compile.
+opcheck and torch.compile. Both C++ kernels (``DAO_EDGE_ATTENTION_KERNEL`` =
+``gemm``, the default, and ``pairs``) go through the accuracy, thread-count and
+instruction-set tests.
 """
 
 from __future__ import annotations
@@ -17,9 +19,19 @@ import pytest
 import torch
 from helpers import TOLERANCES, assert_close
 
+import dao.ops.edge_attention as ops_ea
 from dao._ext import load_core
-from dao.ops.edge_attention import edge_attention, edge_attention_core
+from dao.ops.edge_attention import CPP_KERNELS, edge_attention, edge_attention_core
 from dao.reference import edge_attention as ref
+
+KERNEL_ENV = "DAO_EDGE_ATTENTION_KERNEL"
+
+
+@pytest.fixture(params=sorted(CPP_KERNELS))
+def kernel(request, monkeypatch):
+    """Runs the test once per C++ kernel (the switch is read at every call)."""
+    monkeypatch.setenv(KERNEL_ENV, request.param)
+    return request.param
 
 
 def _batch(sizes, heads=2, d=3, num_freqs=3, seed=0, dtype=torch.float64, spread=1.0):
@@ -36,13 +48,13 @@ def _batch(sizes, heads=2, d=3, num_freqs=3, seed=0, dtype=torch.float64, spread
     return q, k, v, u, frac, gram, batch, lattice
 
 
-SIZES = [[3, 1, 5], [7], [2, 0, 4, 1], [1]]
+SIZES = [[3, 1, 5], [7], [2, 0, 4, 1], [1], [11, 17, 9]]
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", [(2, 3, 3), (1, 4, 1), (3, 2, 5)], ids=str)
-def test_core_matches_reference(sizes, dtype, shape):
+def test_core_matches_reference(sizes, dtype, shape, kernel):
     heads, d, num_freqs = shape
     q, k, v, u, frac, gram, batch, _ = _batch(sizes, heads, d, num_freqs, seed=len(sizes))
     ins = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
@@ -93,7 +105,7 @@ def test_full_op_matches_naive_reference():
         assert_close(a, b)
 
 
-def test_gradcheck_small():
+def test_gradcheck_small(kernel):
     heads, d, num_freqs = 2, 2, 2
     dim = 6 * num_freqs + 9
     q, k, v, _, frac, _, batch, lattice = _batch([3, 2], heads, d, num_freqs, seed=9)
@@ -143,7 +155,7 @@ def test_torch_compile_forward_and_backward():
         assert_close(a, b)
 
 
-def test_thread_count_does_not_change_results():
+def test_thread_count_does_not_change_results(kernel):
     q, k, v, u, frac, gram, batch, _ = _batch([5, 3, 6, 2, 4], seed=13, dtype=torch.float32)
     old = torch.get_num_threads()
     try:
@@ -160,7 +172,7 @@ def test_thread_count_does_not_change_results():
         assert torch.equal(a, b)
 
 
-def test_generic_and_avx2_builds_agree():
+def test_generic_and_avx2_builds_agree(kernel):
     """The baseline build (forced with DAO_EDGE_ATTENTION_ISA=generic, in a child
     process: the choice is made once per process) matches this process's build."""
     sizes, seed = [4, 3], 14
@@ -173,7 +185,7 @@ def test_generic_and_avx2_builds_agree():
         "o, y, lse = edge_attention_core(q, k, v, u, frac, gram, batch, 3, backend='cpp');"
         "print(json.dumps([load_core().edge_attention_isa(), o.tolist(), y.tolist()]))"
     )
-    env = dict(os.environ, DAO_EDGE_ATTENTION_ISA="generic")
+    env = dict(os.environ, DAO_EDGE_ATTENTION_ISA="generic")  # inherits the kernel
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True
@@ -187,7 +199,7 @@ def test_generic_and_avx2_builds_agree():
     assert_close(torch.tensor(y_gen, dtype=torch.float64), y)
 
 
-def test_empty_input():
+def test_empty_input(kernel):
     q, k, v, u, frac, gram, batch, _ = _batch([0, 0])
     o, y, lse = edge_attention_core(q, k, v, u, frac, gram, batch, 3, backend="cpp")
     assert o.shape == (0, 2, 3) and y.shape == (0, 2, 27) and lse.shape == (0, 2)
@@ -252,11 +264,15 @@ def test_compiled_core_rejects_inconsistent_sizes():
     p = buf.data_ptr()
     with pytest.raises(ValueError, match="ptr must run"):
         core.edge_attention_forward(
-            p, p, p, p, p, p, ptr.data_ptr(), p, p, p, 5, 2, 2, 3, 27, 3, 1e-5, 1, 1
+            p, p, p, p, p, p, ptr.data_ptr(), p, p, p, 5, 2, 2, 3, 27, 3, 1e-5, 1, 1, 1
         )
     with pytest.raises(ValueError, match="dim must be"):
         core.edge_attention_forward(
-            p, p, p, p, p, p, ptr.data_ptr(), p, p, p, 4, 2, 2, 3, 26, 3, 1e-5, 1, 1
+            p, p, p, p, p, p, ptr.data_ptr(), p, p, p, 4, 2, 2, 3, 26, 3, 1e-5, 1, 1, 1
+        )
+    with pytest.raises(ValueError, match="kernel code"):
+        core.edge_attention_forward(
+            p, p, p, p, p, p, ptr.data_ptr(), p, p, p, 4, 2, 2, 3, 27, 3, 1e-5, 1, 1, 2
         )
 
 
@@ -286,3 +302,77 @@ def test_nothing_edge_sized_or_feature_wide_is_saved_for_backward():
         assert shape[-1] != dim or shape in {(dim,), (h, dim), (heads, d, dim)}, shape
     out.sum().backward()
     assert all(x.grad is not None for x in xs) and w.grad is not None
+
+
+def _core_with_grads(kernel, ins, batch, num_freqs, go, gy):
+    """(o, y, lse, grads of q, k, v, u, frac, gram) from the C++ backend with `kernel`."""
+    old = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = kernel
+    try:
+        xs = [t.detach().clone().requires_grad_(True) for t in ins]
+        o, y, lse = edge_attention_core(*xs, batch, num_freqs, backend="cpp")
+        grads = torch.autograd.grad((o, y), xs, (go.to(o.dtype), gy.to(o.dtype)))
+    finally:
+        if old is None:
+            del os.environ[KERNEL_ENV]
+        else:
+            os.environ[KERNEL_ENV] = old
+    return (o, y, lse, *grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_kernels_agree(dtype):
+    """The gemm kernel against the pairs kernel on shapes that reach every tile path
+    of its products: crystals of 1 to 21 atoms (partial column blocks, remainder
+    rows), an odd head count (a forward head block of one), widths d and 6K that
+    are no multiple of the tile width."""
+    heads, d, num_freqs = 3, 7, 5
+    q, k, v, u, frac, gram, batch, _ = _batch(
+        [21, 1, 8, 13, 2, 16], heads, d, num_freqs, seed=21, dtype=dtype
+    )
+    g = torch.Generator().manual_seed(22)
+    go = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    gy = torch.randn(u.shape, generator=g, dtype=torch.float64)
+    ins = (q, k, v, u, frac, gram)
+    gemm = _core_with_grads("gemm", ins, batch, num_freqs, go, gy)
+    pairs = _core_with_grads("pairs", ins, batch, num_freqs, go, gy)
+    names = ("o", "y", "lse", "q", "k", "v", "u", "frac", "gram")
+    for name, a, b in zip(names, gemm, pairs, strict=True):
+        scale = max(1.0, float(b.abs().max())) if name == "frac" else 1.0
+        tol = TOLERANCES[dtype]
+        torch.testing.assert_close(
+            a.double() / scale, b.double() / scale, atol=tol["atol"], rtol=tol["rtol"], msg=name
+        )
+
+
+def test_kernel_switch(monkeypatch):
+    """DAO_EDGE_ATTENTION_KERNEL picks the kernel code handed to the core, forward and
+    backward, read at every call; gemm without it; an unknown name is an error."""
+    calls = []
+    core = load_core()
+
+    class Recorder:
+        def __getattr__(self, name):
+            fn = getattr(core, name)
+
+            def call(*args):
+                calls.append((name, args[-1]))
+                return fn(*args)
+
+            return call
+
+    monkeypatch.setattr(ops_ea, "load_core", lambda: Recorder())
+    q, k, v, u, frac, gram, batch, _ = _batch([3, 2], seed=23)
+    xs = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+    for env, code in ((None, 1), ("pairs", 0), ("gemm", 1)):
+        if env is None:
+            monkeypatch.delenv(KERNEL_ENV, raising=False)
+        else:
+            monkeypatch.setenv(KERNEL_ENV, env)
+        calls.clear()
+        o, y, _ = edge_attention_core(*xs, batch, 3, backend="cpp")
+        torch.autograd.grad((o.sum() + y.sum()), xs)
+        assert calls == [("edge_attention_forward", code), ("edge_attention_backward", code)]
+    monkeypatch.setenv(KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match=KERNEL_ENV):
+        edge_attention_core(*xs, batch, 3, backend="cpp")

@@ -24,7 +24,11 @@ so the backward recomputes α without a second softmax pass (flash-attention sty
 Only node-level tensors of width <= h are kept for the backward (q, k, v, o, lse):
 u and y ([N, H, 6K + 9]) are recomputed there. Backends of the core:
 
-* ``"cpp"``: the multithreaded C++ kernel (``csrc/edge_attention.cpp``), CPU.
+* ``"cpp"``: the multithreaded C++ kernel (``csrc/edge_attention.cpp``), CPU. Two
+  implementations, picked by ``DAO_EDGE_ATTENTION_KERNEL`` at every call: ``gemm``
+  (default; never forms z_ij: with per-atom Fourier tables T_j, u_i·z_ij and Σ_j α_ij z_ij
+  are small dense products per crystal and head) and ``pairs`` (z_ij per centre atom, as
+  described above; kept for comparison).
 * ``"triton"``: ``dao.kernels.edge_attention``, on a GPU or under TRITON_INTERPRET=1.
 * ``"torch"``: the reference twin :func:`dao.reference.edge_attention.edge_attention_core`
   on the explicit edge list (materialises everything; the test oracle).
@@ -56,6 +60,21 @@ _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 def _num_threads() -> int:
     env = os.environ.get("DAO_NUM_THREADS")
     return max(1, int(env)) if env else max(1, torch.get_num_threads())
+
+
+CPP_KERNELS = {"pairs": 0, "gemm": 1}
+
+
+def _cpp_kernel() -> int:
+    """The C++ kernels to run, from ``DAO_EDGE_ATTENTION_KERNEL`` (read at every call):
+    ``gemm`` (default: the pair loop as small dense products per crystal) or
+    ``pairs`` (the per-pair feature vectors of the first kernel, kept for comparison)."""
+    name = os.environ.get("DAO_EDGE_ATTENTION_KERNEL", "gemm")
+    if name not in CPP_KERNELS:
+        raise ValueError(
+            f"DAO_EDGE_ATTENTION_KERNEL must be one of {tuple(CPP_KERNELS)}, got {name!r}"
+        )
+    return CPP_KERNELS[name]
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -100,7 +119,7 @@ def _cpp_forward(q, k, v, u, frac, gram, ptr, num_freqs, eps):
         q.data_ptr(), k.data_ptr(), v.data_ptr(), u.data_ptr(), frac.data_ptr(),
         gram.data_ptr(), ptr.data_ptr(), o.data_ptr(), y.data_ptr(), lse.data_ptr(),
         n, gram.shape[0], heads, d, dim, num_freqs, float(eps), _DTYPE_CODE[q.dtype],
-        _num_threads(),
+        _num_threads(), _cpp_kernel(),
     )  # fmt: skip
     return o, y, lse
 
@@ -120,7 +139,7 @@ def _cpp_backward(grad_o, grad_y, q, k, v, u, frac, gram, ptr, o, lse, num_freqs
         lse.data_ptr(), y.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         du.data_ptr(), dfrac.data_ptr(), dgram.data_ptr(),
         n, gram.shape[0], heads, d, dim, num_freqs, float(eps), _DTYPE_CODE[q.dtype],
-        _num_threads(),
+        _num_threads(), _cpp_kernel(),
     )  # fmt: skip
     return dq, dk, dv, du, dfrac, dgram, y
 
