@@ -288,6 +288,12 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="shipped size, MP-20 only, 2 repeats")
     p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="replace only the measured (model, workload, provider) rows of --out, keep the rest",
+    )
     p.add_argument("--out", default=None, help="CSV path (default under benchmarks/results)")
     args = p.parse_args(argv)
     if args.compare_kernels:
@@ -302,7 +308,7 @@ def main(argv=None) -> None:
     args.threads = args.threads[0]
     torch.set_num_threads(args.threads)
     sizes = ["shipped"] if args.quick else list(SIZES)
-    wls = ["mp20"] if args.quick else list(WORKLOADS)
+    wls = ["mp20"] if args.quick else (args.workloads or list(WORKLOADS))
     repeats = 2 if args.quick else args.repeats
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else _harness.cpu_model()
     rows = []
@@ -327,6 +333,16 @@ def main(argv=None) -> None:
                 print({k: row[k] for k in ("model", "workload", "provider", "forward_ms",
                                            "backward_ms", "train_step_ms", "peak_mem_mb")},
                       flush=True)  # fmt: skip
+    if args.update and Path(args.out).exists():
+        import csv  # noqa: PLC0415
+
+        def key(r):
+            return (r["model"], r["workload"], r["provider"])
+
+        new = {key({k: str(v) for k, v in r.items()}) for r in rows}
+        with open(args.out, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if key(r) not in new]
+        rows = kept + rows
     _harness.write_rows_csv(rows, args.out)
 
 
