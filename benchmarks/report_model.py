@@ -48,8 +48,18 @@ def training_section(rows: list[dict]) -> list[str]:
     if not rows:
         return ["No edge-attention results yet: run `benchmarks/bench_edge_attention.py`."]
     r0 = rows[0]
+    runs = defaultdict(set)  # commit -> workloads measured at it
+    first = {}
+    for r in rows:
+        c = r["commit"][:10] + _dirty(r)
+        runs[c].add(f"{r['model']}/{r['workload']}")
+        first[c] = min(first.get(c, r["date"]), r["date"])
+    when = "; ".join(
+        f"{', '.join(sorted(runs[c]))} from {first[c]} at commit `{c}`"
+        for c in sorted(runs, key=first.get)
+    )
     out = [
-        f"Measured {r0['date']} at commit `{r0['commit'][:10]}{_dirty(r0)}` on {r0['device']}, "
+        f"Measured {when}; on {r0['device']}, "
         f"{r0['threads']} threads, torch {r0['torch']}; 1-minute load at each row: "
         f"{min(_f(r['load_avg_1min']) for r in rows):.2f} to "
         f"{max(_f(r['load_avg_1min']) for r in rows):.2f}. Medians; *speed-up* = reference "
