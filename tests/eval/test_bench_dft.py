@@ -98,7 +98,11 @@ def test_reference_cif_and_markdown_replacement(bench, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("pw.x") is None, reason="pw.x not installed (see bench_dft.py)")
-def test_quick_benchmark_runs_quantum_espresso(bench, tmp_path):
+def test_quick_benchmark_runs_quantum_espresso(bench, tmp_path, monkeypatch):
+    pseudo = ROOT.parent / "shared" / "data" / "pseudo"
+    if not pseudo.is_dir():
+        pytest.skip(f"shared pseudopotentials not found in {pseudo}")
+    monkeypatch.setenv("DAO_PSEUDO_DIR", str(pseudo))
     args = _args(bench, tmp_path, "--systems", "Cr3Os", "--dft-systems", "Cr3Os")
     rows = bench.run(args)
     qe = [r for r in rows if r["method"].startswith("QE")]

@@ -767,3 +767,19 @@ def test_pw_time_limit_kills_the_run(tmp_path):
     size = os.path.getsize(tmp_path / "pw.out")
     time.sleep(1.0)
     assert os.path.getsize(tmp_path / "pw.out") == size
+
+
+def test_default_pseudo_dir_resolution(tmp_path, monkeypatch):
+    for var in ("DAO_PSEUDO_DIR", "DAO_DATA_ROOT", "DAO_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    work = tmp_path / "a" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    (tmp_path / "a" / "shared" / "data" / "pseudo").mkdir(parents=True)
+    assert default_pseudo_dir().resolve() == (tmp_path / "a/shared/data/pseudo").resolve()
+    monkeypatch.setenv("DAO_DATA_DIR", str(tmp_path / "d"))
+    assert default_pseudo_dir() == tmp_path / "d" / "pseudo"
+    monkeypatch.setenv("DAO_DATA_ROOT", str(tmp_path / "r"))
+    assert default_pseudo_dir() == tmp_path / "r" / "pseudo"
+    monkeypatch.setenv("DAO_PSEUDO_DIR", str(tmp_path / "p"))
+    assert default_pseudo_dir() == tmp_path / "p"
