@@ -83,10 +83,12 @@ def reference_for(case, cif: str | None):
 
 def dao_rows(case, reference, ref_kind, args, facts) -> list[dict]:
     """One row per DAO variant (unguided, guided) for ``case``."""
+    from pymatgen.core import Composition
+
     from dao.eval.case_study_bench import dao_structure_search, formula_units_of, predict_tc
 
     z = formula_units_of(case.formula, case.paper_name)
-    cell_atoms = round(z * sum(_counts(case.formula).values()))
+    cell_atoms = round(Composition(case.paper_name).num_atoms)
     tc_ref = predict_tc([reference], args.tc_weights)[0] if reference is not None else None
     rows = []
     for w in (0.0, args.guidance_scale):
@@ -124,12 +126,6 @@ def dao_rows(case, reference, ref_kind, args, facts) -> list[dict]:
             }
         )
     return rows
-
-
-def _counts(formula: str) -> dict[str, float]:
-    from pymatgen.core import Composition
-
-    return Composition(formula).get_el_amt_dict()
 
 
 def _base(case, ref_kind: str) -> dict:
@@ -234,14 +230,9 @@ def run(args) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path) -> None:
+    """Rows of different methods have different fields: write them all under one header."""
     keys = FIELDS + sorted({k for r in rows for k in r} - set(FIELDS))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _round(r.get(k)) for k in keys})
+    _harness.write_rows_csv([{k: _round(r.get(k)) for k in keys} for r in rows], path)
 
 
 def read_csv(path) -> list[dict]:
@@ -407,13 +398,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rows = read_csv(args.out) if args.report_only else run(args)
-    if args.report_only:
-        rows = [dict(r) for r in rows]
-    else:
-        rows = read_csv(args.out)  # the markdown is made from what the CSV holds
+    if not args.report_only:
+        run(args)
     if not args.no_markdown:
-        update_markdown(rows)
+        update_markdown(read_csv(args.out))  # made from what the CSV holds
 
 
 if __name__ == "__main__":

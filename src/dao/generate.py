@@ -261,17 +261,9 @@ def _nan_last(x: float) -> float:
 def _energies(daop, structures) -> list[float]:
     """DAO-P energy above hull (eV/atom) of each structure, canonicalised like its
     training data; NaN for a structure that cannot be canonicalised."""
-    from dao.data.crystal import canonical_batch  # noqa: PLC0415
+    from dao.data.crystal import predict_structures  # noqa: PLC0415
 
-    out = [math.nan] * len(structures)
-    batch, kept, _ = canonical_batch(structures)
-    if batch is None:
-        return out
-    with torch.no_grad():
-        e = daop.energy(batch).tolist()
-    for k, v in zip(kept, e, strict=True):
-        out[k] = float(v)
-    return out
+    return predict_structures(daop.energy, structures)
 
 
 def _residual(diffusion, out) -> torch.Tensor:

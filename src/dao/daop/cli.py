@@ -102,11 +102,7 @@ def _property_predictor(args):
         path = default_tc_weights_path()
     ens = load_property_ensemble(path, args.device)
     if args.property in ("tc", "log_tc") and ens.target == "log_tc":
-
-        def tc(batch):
-            return torch.expm1(ens.predict(batch))
-
-        return "tc_pred_K", tc
+        return "tc_pred_K", ens.predict_tc
     if ens.target != args.property:
         raise SystemExit(f"dao predict: the model predicts {ens.target!r}, not {args.property!r}")
     return f"{ens.target}_pred", ens.predict

@@ -104,6 +104,16 @@ class PropertyEnsemble(nn.Module):
     def predict(self, crystals: CrystalBatch) -> Tensor:
         return torch.stack([m.predict(crystals) for m in self.members]).mean(0)
 
+    def require_log_tc(self) -> None:
+        """Raise ValueError unless this ensemble predicts ln(1 + Tc/K) (``log_tc``)."""
+        if self.target != "log_tc":
+            raise ValueError(f"the property model predicts {self.target!r}, not log_tc")
+
+    def predict_tc(self, crystals: CrystalBatch) -> Tensor:
+        """Tc in K of a log-Tc ensemble (target ln(1 + Tc/K), see :mod:`dao.daop.tc`)."""
+        self.require_log_tc()
+        return torch.expm1(self.predict(crystals))
+
 
 def finetune_property(
     daop_weights: str | os.PathLike | None,

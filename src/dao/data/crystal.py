@@ -13,13 +13,14 @@ Crystals of different sizes are stored one after another (no padding):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["CrystalBatch", "canonical_batch"]
+__all__ = ["CrystalBatch", "canonical_batch", "predict_structures"]
 
 
 def _as_long(x, name: str) -> torch.Tensor:
@@ -268,3 +269,19 @@ def canonical_batch(
     if not kept:
         return None, kept, failures
     return CrystalBatch._from_lists(types, fracs, lats, nums, dtype), kept, failures
+
+
+def predict_structures(fn, structures, max_atoms: int | None = None, device=None) -> list[float]:
+    """``fn(batch)`` -> [B] values for structures, through :func:`canonical_batch`; one
+    float per structure, NaN for those it leaves out (too large, not canonicalisable)."""
+    out = [math.nan] * len(structures)
+    batch, kept, _ = canonical_batch(list(structures), max_atoms)
+    if batch is None:
+        return out
+    if device is not None:
+        batch = batch.to(device)
+    with torch.no_grad():
+        values = fn(batch).tolist()
+    for k, v in zip(kept, values, strict=True):
+        out[k] = float(v)
+    return out

@@ -16,13 +16,10 @@ write them as they come.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
 from typing import Any
-
-import torch
 
 __all__ = ["dao_structure_search", "formula_units_of", "predict_tc", "rmse_to_reference"]
 
@@ -55,22 +52,13 @@ def predict_tc(structures, ensemble=None, device: str = "cpu") -> list[float]:
     """Tc (K) of each structure from DAO-P's Tc ensemble (the shipped one by default);
     NaN where a structure cannot be canonicalised."""
     from dao.daop.property import load_property_ensemble  # noqa: PLC0415
-    from dao.data.crystal import canonical_batch  # noqa: PLC0415
+    from dao.data.crystal import predict_structures  # noqa: PLC0415
     from dao.pretrained import default_tc_weights_path  # noqa: PLC0415
 
     if ensemble is None or isinstance(ensemble, (str, os.PathLike)):
         ensemble = load_property_ensemble(ensemble or default_tc_weights_path(), device)
-    if ensemble.target != "log_tc":
-        raise ValueError(f"the property model predicts {ensemble.target!r}, not log_tc")
-    out = [math.nan] * len(structures)
-    batch, kept, _ = canonical_batch(list(structures))
-    if batch is None:
-        return out
-    with torch.no_grad():
-        tc = torch.expm1(ensemble.predict(batch.to(device))).tolist()
-    for k, v in zip(kept, tc, strict=True):
-        out[k] = float(v)
-    return out
+    ensemble.require_log_tc()  # also when no structure can be used
+    return predict_structures(ensemble.predict_tc, structures, device=device)
 
 
 def dao_structure_search(
@@ -105,10 +93,8 @@ def dao_structure_search(
         under the ``structures`` key (ranked, best first).
     """
     from dao.generate import _load_daop, generate  # noqa: PLC0415
-    from dao.pretrained import load_daog  # noqa: PLC0415
 
     daop = _load_daop(daop, "cpu")
-    load_daog(weights)  # fail on bad weights before any work
     t0 = time.perf_counter()
     results = generate(
         formula,
