@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "neighbor_list.hpp"
+#include "parallel.hpp"
 
 namespace py = pybind11;
 
@@ -73,6 +74,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("want_distances"), py::arg("want_vectors"), py::arg("num_threads"),
           py::arg("cell_list_min_atoms") = 0,
           "Periodic neighbour list of a batch of systems on the CPU (see neighbor_list.hpp).");
+
+    // "openmp": parallel_for shares the OpenMP thread team (torch's, once torch is
+    // imported); "threads": one std::thread pool per call (see parallel.hpp).
+    m.attr("PARALLEL_BACKEND") = dao::parallel_uses_openmp() ? "openmp" : "threads";
 
     dao::register_edge_attention(m);
     dao::register_diffusion_step(m);
