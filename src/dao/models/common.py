@@ -16,6 +16,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dao._graph import (
@@ -219,8 +220,12 @@ class GatedResidual(nn.Module):
 
     def forward(self, x: Tensor, r: Tensor) -> Tensor:
         """x: [N, hidden] residual stream; r: [N, hidden] block output."""
-        g = torch.sigmoid(self.gate(torch.cat([x, r, x - r], dim=-1)))
-        return r + g * (x - r)
+        # w·[x, r, x − r] = (w_x + w_d)·x + (w_r − w_d)·r: the same gate without
+        # materialising the [N, 3·hidden] concatenation.
+        w_x, w_r, w_d = self.gate.weight.chunk(3, dim=1)
+        d = x - r
+        g = torch.sigmoid(F.linear(x, w_x + w_d) + F.linear(r, w_r - w_d))
+        return r + g * d
 
 
 class OutputHeads(nn.Module):

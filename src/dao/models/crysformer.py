@@ -170,7 +170,10 @@ class CrysformerLayer(nn.Module):
         (no per-edge tensor in memory, in the forward or the backward)."""
         hn = self.attn_norm(x)
         q = self.q_proj(hn)
-        k, v = self.kv_proj(hn).chunk(2, dim=-1)
+        # k and v from the two row blocks of kv_proj: contiguous, so the op copies neither.
+        h = q.shape[1]
+        w, b = self.kv_proj.weight, self.kv_proj.bias
+        k, v = F.linear(hn, w[:h], b[:h]), F.linear(hn, w[h:], b[h:])
         out = edge_attention(
             q,
             k,
