@@ -12,9 +12,10 @@ Models: the shipped size (4 layers, 128, 4 heads, K = 32) and the paper size (12
 384, 8, 128). Batches: real crystals, the first B of ``mp_20_pilot/val`` (<= 20
 atoms) and of ``mpts_52/val`` (<= 52 atoms) from ../shared/data. Measured per
 provider: forward (the DAO-G loss, with autograd recording), backward, a full
-training step (forward + backward + Adam), and the peak heap growth during one
-training step (CPU: glibc ``mallinfo2`` sampled every 0.2 ms from a watcher thread;
-GPU: ``torch.cuda.max_memory_allocated`` above the allocation before the step).
+training step (forward + backward + Adam, the fused Adam that ``dao train`` uses), and
+the peak heap growth during one training step (CPU: glibc ``mallinfo2`` sampled every
+0.2 ms from a watcher thread; GPU: ``torch.cuda.max_memory_allocated`` above the
+allocation before the step).
 Times are medians of ``--repeats`` runs after a warm-up step.
 
 Run (rows go to benchmarks/results/edge_attention.csv)::
@@ -46,6 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
+
+from dao.train import make_optimizer  # noqa: E402  (the optimizer training uses)
 
 DATA = _harness.REPO_ROOT.parent / "shared" / "data"
 SIZES = {
@@ -144,7 +147,7 @@ def measure(size: str, wl: str, provider: str, batch, repeats: int, device: str 
     if provider == "fused" and device == "cuda":
         diff.model.edge_impl = "fused"  # the Triton kernels (auto takes factorized on GPU)
     batch = batch.to(device)
-    opt = torch.optim.Adam(diff.parameters(), lr=1e-4)
+    opt = make_optimizer(diff.parameters(), "adam", lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def forward():
@@ -212,7 +215,7 @@ def compare_kernels(size: str, batch, repeats: int, n_threads: int) -> list[dict
     core = (q, k, v, u, frac, gram, index, ptr, num_freqs, 1e-5, "cpp")
     o, _, lse = _core_op(*core)
     diff = make_diffusion(size, "fused")
-    opt = torch.optim.Adam(diff.parameters(), lr=0.0)
+    opt = make_optimizer(diff.parameters(), "adam", lr=0.0)
     gen = torch.Generator().manual_seed(0)
 
     def step():

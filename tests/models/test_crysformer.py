@@ -273,6 +273,35 @@ def test_layer_fast_attention_equals_reference(table, crystals):
     torch.testing.assert_close(layer.attention_projected(x, e, edges), ref, **EXACT)
 
 
+def test_inference_fold_cache_follows_the_weights(table, crystals):
+    """Without gradients the folded edge projection is cached; an in-place update of a
+    weight (optimiser step, load_state_dict) or new storage must invalidate it."""
+    model = _model(table)
+    layer = model.layers[0]
+    with torch.no_grad():
+        w1, b1 = layer.folded_edge_projection()
+        assert layer.folded_edge_projection()[0] is w1  # reused
+        layer.edge_norm.weight.mul_(1.5)  # in place
+        w2, _ = layer.folded_edge_projection()
+        assert w2 is not w1
+        torch.testing.assert_close(w2, layer._fold_edge_projection()[0], rtol=0, atol=0)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["layers.0.edge_proj.bias"] += 1.0
+        model.load_state_dict(state)
+        _, b3 = layer.folded_edge_projection()
+        torch.testing.assert_close(b3, layer._fold_edge_projection()[1], rtol=0, atol=0)
+        assert not torch.equal(b3, b1)
+    # With gradients: never cached, and the result carries the graph.
+    w_grad, _ = layer.folded_edge_projection()
+    assert w_grad.requires_grad
+    # Sampling-style evaluation equals the gradient-enabled one.
+    t = random_steps(len(crystals), seed=3)
+    out_grad = call_model(model, crystals, t)
+    with torch.no_grad():
+        out_nograd = call_model(model, crystals, t)
+    torch.testing.assert_close(out_nograd.coord, out_grad.coord.detach(), rtol=0, atol=0)
+
+
 def test_given_edges(table, crystals):
     """Precomputed edges give the same result; any edge order works on both paths."""
     model = _model(table)

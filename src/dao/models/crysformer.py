@@ -98,7 +98,27 @@ class CrysformerLayer(nn.Module):
 
     def folded_edge_projection(self) -> tuple[Tensor, Tensor]:
         """(W·diag γ, W·β + b): the edge LayerNorm affine folded into the edge Linear,
-        to apply to features normalised without affine. Shapes [h, D] and [h]."""
+        to apply to features normalised without affine. Shapes [h, D] and [h].
+
+        Without gradients (sampling, prediction) the result is cached and reused until
+        one of the four parameters changes (new storage or an in-place update: an
+        optimiser step, ``load_state_dict``, ``.to()``)."""
+        params = (
+            self.edge_proj.weight,
+            self.edge_proj.bias,
+            self.edge_norm.weight,
+            self.edge_norm.bias,
+        )
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._fold_edge_projection()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self._fold_edge_projection())
+            self.__dict__["_fold_cache"] = cache
+        return cache[1]
+
+    def _fold_edge_projection(self) -> tuple[Tensor, Tensor]:
         w, b = self.edge_proj.weight, self.edge_proj.bias
         return w * self.edge_norm.weight, torch.mv(w, self.edge_norm.bias) + b
 
@@ -188,6 +208,7 @@ class CrysformerLayer(nn.Module):
             self.heads,
             self.num_freqs,
             self.edge_norm.eps,
+            folded=self.folded_edge_projection(),
         )
         return self.out_proj(out)
 

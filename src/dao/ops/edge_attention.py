@@ -338,6 +338,7 @@ def edge_attention(
     eps: float = 1e-5,
     *,
     backend: str = "auto",
+    folded: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """A Crysformer layer's edge attention without per-edge tensors in memory.
 
@@ -352,6 +353,12 @@ def edge_attention(
         norm_weight, norm_bias: [6K + 9], the edge LayerNorm affine.
         heads: H; num_freqs: K; eps: LayerNorm epsilon.
         backend: see the module docstring.
+        folded: optional precomputed (edge_weight·diag(norm_weight) [h, 6K + 9],
+            edge_weight·norm_bias + edge_bias [h]), the LayerNorm affine folded into
+            the edge Linear, which is otherwise computed here at every call (a caller
+            that runs the same weights many times, e.g. a sampler, can cache it; see
+            ``CrysformerLayer.folded_edge_projection``). Gradients then flow into
+            ``folded``, not into the four weight arguments.
 
     Returns:
         [N, h] attention output (before the layer's output projection).
@@ -372,8 +379,16 @@ def edge_attention(
         raise ValueError(f"norm_weight and norm_bias must be [6K + 9] = [{dim}]")
     if lattice.dim() != 3 or lattice.shape[1:] != (3, 3):
         raise ValueError(f"lattice must be [B, 3, 3], got {list(lattice.shape)}")
-    w = (edge_weight * norm_weight).view(heads, d, dim)  # LayerNorm affine folded in
-    b = (torch.mv(edge_weight, norm_bias) + edge_bias).view(heads, d)
+    if folded is None:  # LayerNorm affine folded into the edge Linear
+        w, b = edge_weight * norm_weight, torch.mv(edge_weight, norm_bias) + edge_bias
+    else:
+        w, b = folded
+        if w.shape != (h, dim) or b.shape != (h,):
+            raise ValueError(
+                f"folded must be ([h, 6K + 9] = {[h, dim]}, [h] = [{h}]); got "
+                f"({list(w.shape)}, {list(b.shape)})"
+            )
+    w, b = w.reshape(heads, d, dim), b.reshape(heads, d)
     qh = q.view(n, heads, d) * (1.0 / math.sqrt(d))
     gram = lattice_gram(lattice)
     _check_core(qh, k.view(n, heads, d), v.view(n, heads, d), None, frac, gram, batch, num_freqs)

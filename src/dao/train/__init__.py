@@ -1,7 +1,7 @@
 """Training: the resumable loop, checkpoints and weight export."""
 
 from dao.train.checkpoint import atomic_save, export_weights, load_checkpoint, load_weights
-from dao.train.trainer import EMA, TrainConfig, Trainer
+from dao.train.trainer import EMA, TrainConfig, Trainer, make_optimizer
 
 __all__ = [
     "EMA",
@@ -11,4 +11,5 @@ __all__ = [
     "export_weights",
     "load_checkpoint",
     "load_weights",
+    "make_optimizer",
 ]
