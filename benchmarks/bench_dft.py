@@ -214,6 +214,10 @@ def run(args) -> list[dict]:
 
     torch.set_num_threads(_harness.resolve_threads(args.threads))
     cifs = dict(item.split("=", 1) for item in args.reference_cif)
+    # Rows of earlier runs stay unless this run replaces them (same system and method):
+    # e.g. rerunning the DAO side keeps a 40-minute DFT row. Each row carries its date
+    # and commit.
+    earlier = read_csv(args.out) if Path(args.out).exists() else []
     rows: list[dict] = []
     for name in args.systems:
         case = get_case_study(name)
@@ -225,8 +229,23 @@ def run(args) -> list[dict]:
                 print(f"[{name}] no reference cell: no DFT run (pass --reference-cif)")
             else:
                 rows += dft_rows(case, reference, kind, args, _harness.row_facts(2, "cpu"))
-        write_csv(rows, args.out)  # after every system: an interrupted run keeps its rows
+        # after every system: an interrupted run keeps its rows
+        write_csv(merge_rows(earlier, rows), args.out)
     return rows
+
+
+def merge_rows(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``new`` in place of the rows of ``earlier`` with the same (system, method); the
+    rest of ``earlier`` kept. Systems in their earlier order (new ones after), within a
+    system the DAO rows before the DFT rows."""
+    replaced = {(r["system"], r["method"]) for r in new}
+    kept = [r for r in earlier if (r.get("system"), r.get("method")) not in replaced]
+    systems = list(dict.fromkeys([r.get("system") for r in earlier + new]))
+    out = []
+    for name in systems:
+        group = [r for r in kept + new if r.get("system") == name]
+        out += sorted(group, key=lambda r: 0 if str(r.get("method", "")).startswith("DAO") else 1)
+    return out
 
 
 def write_csv(rows: list[dict], path) -> None:

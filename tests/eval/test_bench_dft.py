@@ -75,6 +75,22 @@ def test_rows_for_a_system_with_and_without_reference(bench, tmp_path, monkeypat
     assert "Cr3Os: QE vc-relax (perturbed start) (converged, 2 ionic steps) took" in md
 
 
+def test_a_rerun_replaces_its_own_rows_and_keeps_the_others(bench):
+    def row(system, method, wall):
+        return {"system": system, "method": method, "wall_s": wall}
+
+    earlier = [
+        row("CsV3Sb5", "DAO-G + DAO-P ranking", 1),
+        row("Cr3Os", "DAO-G + DAO-P ranking", 2),
+        row("Cr3Os", "QE vc-relax (perturbed start)", 2400),
+    ]
+    new = [row("Cr3Os", "DAO-G + DAO-P ranking", 3), row("Zr4Pd2O", "DAO-G + DAO-P ranking", 4)]
+    merged = bench.merge_rows(earlier, new)
+    assert [(r["system"], r["wall_s"]) for r in merged] == [
+        ("CsV3Sb5", 1), ("Cr3Os", 3), ("Cr3Os", 2400), ("Zr4Pd2O", 4),
+    ]  # fmt: skip
+
+
 def test_reference_cif_and_markdown_replacement(bench, tmp_path):
     from dao.eval.case_studies import get_case_study
 
