@@ -319,7 +319,7 @@ def markdown(rows: list[dict], png: Path = HERE / "results" / "dft.png") -> list
                 f"| {r['stop_reason']} | {r['ionic_steps']} | {r['scf_iterations']} "
                 f"| {_fmt(r['start_rmse'])} | {_fmt(r['best_rmse'])} | {r['settings']} |"
             )
-        out += ["", "Headline (same system, same machine, same run, one after the other):", ""]
+        out += ["", "Headline (same system, same machine):", ""]
         for r in qe:
             for d in rows:
                 if d["system"] != r["system"] or "guidance" not in d["method"]:
@@ -332,20 +332,38 @@ def markdown(rows: list[dict], png: Path = HERE / "results" / "dft.png") -> list
                     f"took {ratio_t} the wall time of {d['method']} ({d['samples']} samples); "
                     f"RMSE to the reference: QE {_fmt(r['best_rmse'])} (from "
                     f"{_fmt(r['start_rmse'])} at its perturbed start), DAO best "
-                    f"{_fmt(d['best_rmse'])} ({d['matched']}/{d['samples']} matched)."
+                    f"{_fmt(d['best_rmse'])} ({d['matched']}/{d['samples']} matched)"
+                    + _when(r, d)
+                    + "."
                 )
     first = rows[0] if rows else {}
+    runs = sorted({(r.get("date", "?"), r.get("commit", "?")) for r in rows})
+    when = (
+        f"commit {runs[0][1]}, {runs[0][0]}"
+        if len(runs) == 1
+        else f"rows from {len(runs)} runs, {runs[0][0]} to {runs[-1][0]} (date and commit "
+        "of each row in the CSV)"
+    )
     out += [
         "",
         f"Machine: {_harness.cpu_model()}, torch {first.get('torch', '?')} "
-        f"({first.get('threads', '?')} threads for DAO; QE with 2 MPI ranks), commit "
-        f"{first.get('commit', '?')}, {first.get('date', '?')}; load average (1 min) at the "
-        "start of each row is in the CSV.",
+        f"({first.get('threads', '?')} threads for DAO; QE with 2 MPI ranks), {when}; load "
+        "average (1 min) at the start of each row is in the CSV.",
     ]
     if plot(rows, png):
         out += ["", f"![wall time vs RMSE](results/{png.name})"]
     out.append(END)
     return out
+
+
+def _when(qe: dict, dao: dict) -> str:
+    """'' when both rows come from one run (same date and commit), else both dates."""
+    if (qe.get("date"), qe.get("commit")) == (dao.get("date"), dao.get("commit")):
+        return "; one run, one after the other"
+    return (
+        f"; separate runs: QE {qe.get('date', '?')} (commit {str(qe.get('commit', '?'))[:10]}),"
+        f" DAO {dao.get('date', '?')} (commit {str(dao.get('commit', '?'))[:10]})"
+    )
 
 
 def plot(rows: list[dict], png: Path) -> bool:
