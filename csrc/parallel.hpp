@@ -63,7 +63,7 @@ void parallel_for(int64_t n, int num_threads, Fn&& fn) {
     if (err) std::rethrow_exception(err);
 }
 
-// Whether parallel_for runs on OpenMP (reported by dao._C.build_info()).
+// Whether parallel_for runs on OpenMP (reported as dao._C.PARALLEL_BACKEND).
 constexpr bool parallel_uses_openmp() {
 #if defined(DAO_USE_OPENMP)
     return true;
