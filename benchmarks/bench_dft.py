@@ -357,7 +357,7 @@ def markdown(rows: list[dict], png: Path = HERE / "results" / "dft.png") -> list
 
 
 def _when(qe: dict, dao: dict) -> str:
-    """'' when both rows come from one run (same date and commit), else both dates."""
+    """How the QE and DAO rows relate: one run (same date and commit), or both dates."""
     if (qe.get("date"), qe.get("commit")) == (dao.get("date"), dao.get("commit")):
         return "; one run, one after the other"
     return (

@@ -60,7 +60,7 @@ from dao.models.common import (
     sinusoidal_time_embedding,
 )
 from dao.models.config import CrysformerConfig
-from dao.ops.edge_attention import edge_attention
+from dao.ops.edge_attention import edge_attention, fold_edge_projection
 from dao.reference.edge_attention import edge_attention as reference_attention
 from dao.reference.edge_attention import edge_raw_features
 
@@ -119,8 +119,9 @@ class CrysformerLayer(nn.Module):
         return cache[1]
 
     def _fold_edge_projection(self) -> tuple[Tensor, Tensor]:
-        w, b = self.edge_proj.weight, self.edge_proj.bias
-        return w * self.edge_norm.weight, torch.mv(w, self.edge_norm.bias) + b
+        return fold_edge_projection(
+            self.edge_proj.weight, self.edge_proj.bias, self.edge_norm.weight, self.edge_norm.bias
+        )
 
     def attention(self, x: Tensor, z_pad: Tensor, pad: PaddedEdges) -> Tensor:
         """Fast attention block (exact rewrite of :func:`reference_edge_attention`).

@@ -51,7 +51,7 @@ from dao._ext import has_triton, load_core
 from dao._graph import lattice_gram
 from dao.reference import edge_attention as _ref
 
-__all__ = ["BACKENDS", "edge_attention", "edge_attention_core"]
+__all__ = ["BACKENDS", "edge_attention", "edge_attention_core", "fold_edge_projection"]
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
@@ -322,6 +322,14 @@ def edge_attention_core(
     )
 
 
+def fold_edge_projection(
+    edge_weight: Tensor, edge_bias: Tensor, norm_weight: Tensor, norm_bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(W·diag γ [h, D], W·β + b [h]): the edge LayerNorm affine folded into the edge
+    Linear, what :func:`edge_attention` takes as ``folded``."""
+    return edge_weight * norm_weight, torch.mv(edge_weight, norm_bias) + edge_bias
+
+
 def edge_attention(
     q: Tensor,
     k: Tensor,
@@ -380,7 +388,7 @@ def edge_attention(
     if lattice.dim() != 3 or lattice.shape[1:] != (3, 3):
         raise ValueError(f"lattice must be [B, 3, 3], got {list(lattice.shape)}")
     if folded is None:  # LayerNorm affine folded into the edge Linear
-        w, b = edge_weight * norm_weight, torch.mv(edge_weight, norm_bias) + edge_bias
+        w, b = fold_edge_projection(edge_weight, edge_bias, norm_weight, norm_bias)
     else:
         w, b = folded
         if w.shape != (h, dim) or b.shape != (h,):
