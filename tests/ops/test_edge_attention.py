@@ -155,6 +155,10 @@ def test_gradcheck_small(kernel):
     assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-6)
 
 
+# torch 2.14's fake-tensor conversion inside opcheck (torch/_subclasses/meta_utils.py)
+# reads .grad of a non-leaf tensor it made itself and warns; not our op's doing, and
+# every opcheck test still runs and must pass.
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_opcheck():
     q, k, v, u, frac, gram, batch, _ = _batch([3, 2], seed=11)
     ptr = torch.tensor([0, 3, 5])
