@@ -150,7 +150,13 @@ def _git(*args: str) -> str | None:
 
 
 def git_commit() -> dict[str, Any]:
-    """HEAD commit and whether tracked files differ from it (other work in progress)."""
+    """HEAD commit and whether tracked files differ from it (other work in progress).
+
+    Where the checkout has no git metadata (a copy of the tree sent to a GPU machine),
+    ``$DAO_BENCH_COMMIT`` names the commit the copy was made from."""
+    if os.environ.get("DAO_BENCH_COMMIT") and _git("rev-parse", "HEAD") is None:
+        return {"id": os.environ["DAO_BENCH_COMMIT"], "short": os.environ["DAO_BENCH_COMMIT"][:10],
+                "dirty": False}  # fmt: skip
     sha = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"id": sha, "short": sha[:10] if sha else None, "dirty": bool(status)}

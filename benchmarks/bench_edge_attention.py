@@ -6,11 +6,15 @@ Providers (same model, same weights, same batch, side by side in one run):
   LayerNorm and Linear materialised in every layer), eager;
 * ``reference+compile``: the same under ``torch.compile`` (inductor, static shapes);
 * ``factorized``: the earlier pure-PyTorch fast path (informational);
-* ``fused``: the fused op (``edge_impl = "fused"``; C++ kernels on CPU).
+* ``fused``: the fused op (``edge_impl = "fused"``; C++ kernels on CPU, Triton on GPU).
 
 Models: the shipped size (4 layers, 128, 4 heads, K = 32) and the paper size (12,
 384, 8, 128). Batches: real crystals, the first B of ``mp_20_pilot/val`` (<= 20
-atoms) and of ``mpts_52/val`` (<= 52 atoms) from ../shared/data. Measured per
+atoms) and of ``mpts_52/val`` (<= 52 atoms) from ../shared/data: 64 / 16 crystals
+(shipped / paper size) for MP-20 and 16 / 4 for MPTS-52 on CPU; on a GPU 256 and 64
+(``GPU_CRYSTALS``: smaller batches would time kernel launches; ``--crystals`` overrides).
+On a GPU the ``reference+compile`` provider compiles for minutes per row: leave it out
+with ``--providers reference factorized fused`` where time is short. Measured per
 provider: forward (the DAO-G loss, with autograd recording), backward, a full
 training step (forward + backward + Adam, the fused Adam that ``dao train`` uses), and
 the peak heap growth during one training step (CPU: glibc ``mallinfo2`` sampled every
@@ -41,6 +45,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -60,6 +65,9 @@ WORKLOADS = {
     "mp20": ("mp_20_pilot/val.csv.gz", 64, 16),
     "mpts52": ("mpts_52/val.csv.gz", 16, 4),
 }
+# On a GPU the CPU batches would only measure kernel-launch overhead: batches the size
+# of a training batch per GPU instead (the paper trains with 1,024 over 3 GPUs).
+GPU_CRYSTALS = {"mp20": (256, 256), "mpts52": (64, 64)}
 PROVIDERS = ("reference", "reference+compile", "factorized", "fused")
 
 
@@ -281,6 +289,16 @@ def main_compare(args) -> None:
     _harness.write_rows_csv(rows, args.out)
 
 
+def batch_crystals(wl: str, size: str, args) -> int:
+    """Crystals per batch: ``--crystals``, else the device's default for the workload."""
+    if args.crystals:
+        return args.crystals
+    _, n_shipped, n_paper = WORKLOADS[wl]
+    if args.device == "cuda":
+        n_shipped, n_paper = GPU_CRYSTALS[wl]
+    return n_shipped if size == "shipped" else n_paper
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[_harness.DEFAULT_THREADS])
@@ -292,6 +310,8 @@ def main(argv=None) -> None:
     p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None)
+    p.add_argument("--crystals", type=int, default=None, help="crystals per batch (all rows)")
     p.add_argument(
         "--update",
         action="store_true",
@@ -310,32 +330,43 @@ def main(argv=None) -> None:
         p.error("--threads takes one count (several only with --compare-kernels)")
     args.threads = args.threads[0]
     torch.set_num_threads(args.threads)
-    sizes = ["shipped"] if args.quick else list(SIZES)
+    sizes = ["shipped"] if args.quick else (args.sizes or list(SIZES))
     wls = ["mp20"] if args.quick else (args.workloads or list(WORKLOADS))
     repeats = 2 if args.quick else args.repeats
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else _harness.cpu_model()
     rows = []
-    for size in sizes:
-        for wl in wls:
-            csv_name, n_shipped, n_paper = WORKLOADS[wl]
-            batch = load_batch(csv_name, n_shipped if size == "shipped" else n_paper)
-            edges = int((batch.num_atoms**2).sum())
-            for provider in args.providers:
-                res = measure(size, wl, provider, batch, repeats, args.device)
-                row = {
-                    "model": size,
-                    "workload": wl,
-                    "crystals": len(batch.num_atoms),
-                    "atoms": int(batch.num_atoms.sum()),
-                    "edges": edges,
-                    "provider": provider,
-                    **{k: round(v, 3) for k, v in res.items()},
-                    **_harness.row_facts(args.threads, device_name),
-                }
-                rows.append(row)
-                print({k: row[k] for k in ("model", "workload", "provider", "forward_ms",
-                                           "backward_ms", "train_step_ms", "peak_mem_mb")},
-                      flush=True)  # fmt: skip
+    try:
+        for size in sizes:
+            for wl in wls:
+                batch = load_batch(WORKLOADS[wl][0], batch_crystals(wl, size, args))
+                edges = int((batch.num_atoms**2).sum())
+                for provider in args.providers:
+                    try:
+                        res = measure(size, wl, provider, batch, repeats, args.device)
+                    except Exception:  # noqa: BLE001  (reported, and the row left out)
+                        traceback.print_exc()
+                        print(f"FAILED: {size} {wl} {provider} (no row written)", flush=True)
+                        if args.device == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    row = {
+                        "model": size,
+                        "workload": wl,
+                        "crystals": len(batch.num_atoms),
+                        "atoms": int(batch.num_atoms.sum()),
+                        "edges": edges,
+                        "provider": provider,
+                        **{k: round(v, 3) for k, v in res.items()},
+                        **_harness.row_facts(args.threads, device_name),
+                    }
+                    rows.append(row)
+                    print({k: row[k] for k in ("model", "workload", "provider", "forward_ms",
+                                               "backward_ms", "train_step_ms", "peak_mem_mb")},
+                          flush=True)  # fmt: skip
+    except KeyboardInterrupt:  # stopped at a time limit: keep the rows measured so far
+        print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
+    if not rows:
+        sys.exit("no rows measured")
     if args.update and Path(args.out).exists():
         import csv  # noqa: PLC0415
 

@@ -11,7 +11,9 @@ Providers (same weights, same compositions, same generator, side by side in one 
 Models: the shipped weights (4 layers, 128, K = 32) and a randomly initialised
 paper-size Crysformer (12, 384, 8 heads, K = 128; same cost as a trained one).
 Compositions: the first B crystals of ``mp_20_pilot/test`` (<= 20 atoms) and of
-``mpts_52/val`` (<= 52 atoms), from ../shared/data.
+``mpts_52/val`` (<= 52 atoms), from ../shared/data: B = 100 / 16 (shipped / paper
+size) for MP-20 and 25 / 4 for MPTS-52 on CPU; on a GPU 1,000 / 256 and 256 / 64
+(``GPU_CRYSTALS``; ``--crystals`` overrides).
 
 A full sample is T = 1,000 predictor-corrector steps that all cost the same, so
 each provider runs ``--steps`` of them (the first one untimed) and structures/s
@@ -28,6 +30,7 @@ import argparse
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -42,6 +45,7 @@ WORKLOADS = {
     "mp20": ("mp_20_pilot/test.csv.gz", 100, 16),
     "mpts52": ("mpts_52/val.csv.gz", 25, 4),
 }
+GPU_CRYSTALS = {"mp20": (1000, 256), "mpts52": (256, 64)}
 PROVIDERS = ("reference", "factorized", "fused", "fused+cuda_graph")
 
 
@@ -100,39 +104,56 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="shipped model, MP-20 only, 4 steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    p.add_argument("--models", nargs="+", choices=["shipped", "paper"], default=None)
+    p.add_argument("--crystals", type=int, default=None, help="compositions per batch (all rows)")
     p.add_argument("--out", default=str(_harness.REPO_ROOT / "benchmarks/results/sampling.csv"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 4 if args.quick else max(3, args.steps)
-    models = ["shipped"] if args.quick else ["shipped", "paper"]
+    models = ["shipped"] if args.quick else (args.models or ["shipped", "paper"])
     wls = ["mp20"] if args.quick else list(WORKLOADS)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else _harness.cpu_model()
     rows = []
-    for model in models:
-        diff = make_diffusion(model, args.device)
-        for wl in wls:
-            csv_name, n_shipped, n_paper = WORKLOADS[wl]
-            types, nums = compositions(csv_name, n_shipped if model == "shipped" else n_paper)
-            for provider in args.providers:
-                if provider == "fused+cuda_graph" and args.device != "cuda":
-                    continue
-                sec = seconds_per_step(diff, types, nums, provider, steps, args.device)
-                per_s = len(nums) / (diff.timesteps * sec)
-                row = {
-                    "model": model,
-                    "workload": wl,
-                    "crystals": len(nums),
-                    "atoms": int(nums.sum()),
-                    "provider": provider,
-                    "ms_per_step": round(1e3 * sec, 3),
-                    "structures_per_s": round(per_s, 5),
-                    "s_per_structure": round(1.0 / per_s, 3),
-                    "steps_timed": steps - 1,
-                    **_harness.row_facts(args.threads, device_name),
-                }
-                rows.append(row)
-                print({k: row[k] for k in ("model", "workload", "provider", "ms_per_step",
-                                           "structures_per_s")}, flush=True)  # fmt: skip
+    try:
+        for model in models:
+            diff = make_diffusion(model, args.device)
+            for wl in wls:
+                csv_name, n_shipped, n_paper = WORKLOADS[wl]
+                if args.device == "cuda":
+                    n_shipped, n_paper = GPU_CRYSTALS[wl]
+                n = args.crystals or (n_shipped if model == "shipped" else n_paper)
+                types, nums = compositions(csv_name, n)
+                for provider in args.providers:
+                    if provider == "fused+cuda_graph" and args.device != "cuda":
+                        continue
+                    try:
+                        sec = seconds_per_step(diff, types, nums, provider, steps, args.device)
+                    except Exception:  # noqa: BLE001  (reported, and the row left out)
+                        traceback.print_exc()
+                        print(f"FAILED: {model} {wl} {provider} (no row written)", flush=True)
+                        if args.device == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    per_s = len(nums) / (diff.timesteps * sec)
+                    row = {
+                        "model": model,
+                        "workload": wl,
+                        "crystals": len(nums),
+                        "atoms": int(nums.sum()),
+                        "provider": provider,
+                        "ms_per_step": round(1e3 * sec, 3),
+                        "structures_per_s": round(per_s, 5),
+                        "s_per_structure": round(1.0 / per_s, 3),
+                        "steps_timed": steps - 1,
+                        **_harness.row_facts(args.threads, device_name),
+                    }
+                    rows.append(row)
+                    print({k: row[k] for k in ("model", "workload", "provider", "ms_per_step",
+                                               "structures_per_s")}, flush=True)  # fmt: skip
+    except KeyboardInterrupt:  # stopped at a time limit: keep the rows measured so far
+        print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
+    if not rows:
+        sys.exit("no rows measured")
     _harness.write_rows_csv(rows, args.out)
 
 
