@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,20 @@ def row_facts(n_threads: int, device: str) -> dict[str, Any]:
         "load_avg_1min": load_avg()[0],
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def attempt(fn, *args, label: str, device: str):
+    """``fn(*args)``, or None when it raises: a provider that fails is reported (traceback
+    and a FAILED line naming ``label``) and its row left out, so the other rows of a
+    short GPU lease still get measured."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        print(f"FAILED: {label} (no row written)", flush=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return None
 
 
 def write_rows_csv(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:

@@ -45,7 +45,6 @@ import statistics
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -307,7 +306,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="shipped size, MP-20 only, 2 repeats")
-    p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    p.add_argument("--providers", nargs="*", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
     p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None)
@@ -341,13 +340,18 @@ def main(argv=None) -> None:
                 batch = load_batch(WORKLOADS[wl][0], batch_crystals(wl, size, args))
                 edges = int((batch.num_atoms**2).sum())
                 for provider in args.providers:
-                    try:
-                        res = measure(size, wl, provider, batch, repeats, args.device)
-                    except Exception:  # noqa: BLE001  (reported, and the row left out)
-                        traceback.print_exc()
-                        print(f"FAILED: {size} {wl} {provider} (no row written)", flush=True)
-                        if args.device == "cuda":
-                            torch.cuda.empty_cache()
+                    res = _harness.attempt(
+                        measure,
+                        size,
+                        wl,
+                        provider,
+                        batch,
+                        repeats,
+                        args.device,
+                        label=f"{size} {wl} {provider}",
+                        device=args.device,
+                    )
+                    if res is None:
                         continue
                     row = {
                         "model": size,

@@ -30,7 +30,6 @@ import argparse
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -103,7 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=12, help="steps run per provider (>= 3)")
     p.add_argument("--quick", action="store_true", help="shipped model, MP-20 only, 4 steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--providers", nargs="*", default=list(PROVIDERS))
+    p.add_argument("--providers", nargs="*", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--models", nargs="+", choices=["shipped", "paper"], default=None)
     p.add_argument("--crystals", type=int, default=None, help="compositions per batch (all rows)")
     p.add_argument("--out", default=str(_harness.REPO_ROOT / "benchmarks/results/sampling.csv"))
@@ -126,13 +125,18 @@ def main(argv=None) -> None:
                 for provider in args.providers:
                     if provider == "fused+cuda_graph" and args.device != "cuda":
                         continue
-                    try:
-                        sec = seconds_per_step(diff, types, nums, provider, steps, args.device)
-                    except Exception:  # noqa: BLE001  (reported, and the row left out)
-                        traceback.print_exc()
-                        print(f"FAILED: {model} {wl} {provider} (no row written)", flush=True)
-                        if args.device == "cuda":
-                            torch.cuda.empty_cache()
+                    sec = _harness.attempt(
+                        seconds_per_step,
+                        diff,
+                        types,
+                        nums,
+                        provider,
+                        steps,
+                        args.device,
+                        label=f"{model} {wl} {provider}",
+                        device=args.device,
+                    )
+                    if sec is None:
                         continue
                     per_s = len(nums) / (diff.timesteps * sec)
                     row = {
