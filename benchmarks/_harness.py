@@ -153,9 +153,9 @@ def _git(*args: str) -> str | None:
 def git_commit() -> dict[str, Any]:
     """HEAD commit and whether tracked files differ from it (other work in progress).
 
-    Where the checkout has no git metadata (a copy of the tree sent to a GPU machine),
-    ``$DAO_BENCH_COMMIT`` names the commit the copy was made from."""
-    if os.environ.get("DAO_BENCH_COMMIT") and _git("rev-parse", "HEAD") is None:
+    ``$DAO_BENCH_COMMIT``, where set, names the commit instead: a copy of the tree sent
+    to a GPU machine may carry no git metadata, or stale metadata."""
+    if os.environ.get("DAO_BENCH_COMMIT"):
         return {"id": os.environ["DAO_BENCH_COMMIT"], "short": os.environ["DAO_BENCH_COMMIT"][:10],
                 "dirty": False}  # fmt: skip
     sha = _git("rev-parse", "HEAD")

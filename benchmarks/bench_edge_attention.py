@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402
 
+from dao._graph import static_batch  # noqa: E402
 from dao.train import make_optimizer  # noqa: E402  (the optimizer training uses)
 
 DATA = _harness.REPO_ROOT.parent / "shared" / "data"
@@ -162,8 +163,9 @@ def measure(size: str, wl: str, provider: str, batch, repeats: int, device: str 
         return diff.loss(batch, gen)["loss"]
 
     def step():
-        loss = forward()
-        loss.backward()
+        with static_batch():  # as dao train: one layout per forward + backward
+            loss = forward()
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -173,13 +175,14 @@ def measure(size: str, wl: str, provider: str, batch, repeats: int, device: str 
     warm = time.perf_counter() - t0
     fwd, bwd, full = [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        loss = forward()
-        _sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        _sync(device)
-        t2 = time.perf_counter()
+        with static_batch():
+            t0 = time.perf_counter()
+            loss = forward()
+            _sync(device)
+            t1 = time.perf_counter()
+            loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)

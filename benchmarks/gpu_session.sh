@@ -10,14 +10,18 @@
 # fused, paper and shipped sizes, MP-20 and MPTS-52 batches); the sampling benchmark
 # (with the CUDA-graph provider); a 30-second `dao train` on the GPU (bf16 autocast);
 # and, if time is left, the torch.compile reference row at MPTS-52 size.
-# Logs and CSVs go to $OUT (default benchmarks/results/gpu). The data must be at
-# ../shared/data or in .devdata/shared/data (a copy the lease carries, with the
+# CSVs, steps.log and tests.xml go to $OUT (default benchmarks/results/gpu), every
+# step's full log into $OUT/logs.tgz (few files: a lease returns at most eight).
+# STEPS="build tests ..." runs a subset; TESTS="..." replaces the test selection.
+# The data must be at ../shared/data or in .devdata/shared/data (a copy the lease carries, with the
 # processed-CSV cache in .devdata/cache: the GPU image has no pymatgen to process it).
 set -u
 BUDGET=${1:-540}
 START=$(date +%s)
 OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
+STEPS=${STEPS:-"build tests bench_train bench_sampling train_smoke bench_compile"}
+want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
@@ -26,14 +30,15 @@ step() {  # step NAME CAP CMD...: run CMD with a timeout of min(CAP, time left),
   # (SIGINT at the limit: pytest reports the tests run so far, the benchmarks write the
   # rows measured so far)
   local name=$1 cap=$2; shift 2
+  want "$name" || return 0
   local t; t=$(left); [ "$t" -gt "$cap" ] && t=$cap
   if [ "$t" -lt 20 ]; then echo "== $name: skipped, $(left) s left" | tee -a "$OUT/steps.log"; return; fi
   echo "== $name (cap ${t} s) $(date -u +%T)" | tee -a "$OUT/steps.log"
   local t0; t0=$(date +%s)
-  timeout -s INT -k 20 "$t" "$@" >"$OUT/$name.log" 2>&1
+  timeout -s INT -k 20 "$t" "$@" >"$OUT/logs/$name.log" 2>&1
   local rc=$?
   echo "== $name rc=$rc in $(($(date +%s) - t0)) s" | tee -a "$OUT/steps.log"
-  tail -n 25 "$OUT/$name.log"
+  tail -n 25 "$OUT/logs/$name.log"
 }
 
 if [ ! -e ../shared/data ] && [ -d .devdata/shared/data ]; then
@@ -45,19 +50,20 @@ fi
   nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   $PY -c "import sys, torch, triton; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(torch.cuda.get_device_name())"
   nvcc --version | tail -n 2; nproc
-} >"$OUT/env.log" 2>&1
-cat "$OUT/env.log"
+} >"$OUT/logs/env.log" 2>&1
+cat "$OUT/logs/env.log"
 
 step build 300 env DAO_ENABLE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   CMAKE_ARGS="-DDAO_CUDA_ARCHITECTURES=90" \
   $PY -m pip install --no-build-isolation --no-deps -q .
 $PY -c "import dao._C as c; print('dao._C', c.__file__, 'cuda', c.WITH_CUDA, c.PARALLEL_BACKEND)" | tee -a "$OUT/steps.log"
 
-step tests 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" -v --tb=short -rfE \
-  --junitxml="$OUT/tests.xml" -k "not fresh_process" \
-  tests/ops/test_edge_attention_triton.py tests/ops/test_neighbor_list_triton.py \
+TESTS=${TESTS:-"tests/ops/test_edge_attention_triton.py tests/ops/test_neighbor_list_triton.py \
   tests/ops/test_diffusion_step.py tests/diffusion/test_fused_sampling.py \
-  "tests/ops/test_neighbor_list.py::test_gpu_backends_match_cpu"
+  tests/ops/test_neighbor_list.py::test_gpu_backends_match_cpu"}
+# shellcheck disable=SC2086
+step tests 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" -v --tb=short -rfE \
+  --junitxml="$OUT/tests.xml" -k "not fresh_process" $TESTS
 
 step bench_train 150 $PY benchmarks/bench_edge_attention.py --device cuda --repeats 5 \
   --providers reference factorized fused --out "$OUT/edge_attention_gpu.csv"
@@ -67,9 +73,10 @@ step bench_sampling 120 $PY benchmarks/bench_sampling.py --device cuda --steps 1
 
 step train_smoke 75 $PY -m dao.cli train configs/daog_mp20_small.toml -o /tmp/dao_gpu_run \
   --max-minutes 0.5 -q
-cp /tmp/dao_gpu_run/*.csv "$OUT/" 2>/dev/null
+cp /tmp/dao_gpu_run/log.csv "$OUT/logs/train_smoke_log.csv" 2>/dev/null
 
 step bench_compile 150 $PY benchmarks/bench_edge_attention.py --device cuda --repeats 5 \
   --sizes paper --workloads mpts52 --providers reference+compile \
   --out "$OUT/edge_attention_gpu_compile.csv"
 echo "== done in $(($(date +%s) - START)) s" | tee -a "$OUT/steps.log"
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"

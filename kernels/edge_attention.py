@@ -66,6 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dao._graph import memoized
+
 __all__ = ["edge_attention_core_backward", "edge_attention_core_forward"]
 
 # Every dot dimension is at least 16 (the smallest tl.dot tile on NVIDIA GPUs).
@@ -79,6 +81,19 @@ _TWO_PI = tl.constexpr(2.0 * math.pi)
 
 
 # ----------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _dot(a, b):
+    """a @ b in the operands' (compute) dtype, IEEE arithmetic (no TF32). ``out_dtype``
+    is passed because Triton <= 3.6 requires it for float64 (its default is float32)."""
+    return tl.dot(a, b, input_precision="ieee", out_dtype=a.dtype)
+
+
+@triton.jit
+def _dot_acc(a, b, acc):
+    """acc + a @ b, as :func:`_dot`."""
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -135,9 +150,9 @@ def _accumulate(
 ):
     """Both halves of acc [BH, BI, BT] (sin at acc_ptr, cos T3 further) become
     scale·acc + w [BH·BI, BJ] @ (sj, cj) [BJ, BT] (read-modify-write)."""
-    new = tl.reshape(tl.dot(w, sj, input_precision="ieee"), (BLOCK_H, BLOCK_I, BLOCK_T))
+    new = tl.reshape(_dot(w, sj), (BLOCK_H, BLOCK_I, BLOCK_T))
     tl.store(acc_ptr, tl.load(acc_ptr, mask=mask, other=0.0) * scale + new, mask=mask)
-    new = tl.reshape(tl.dot(w, cj, input_precision="ieee"), (BLOCK_H, BLOCK_I, BLOCK_T))
+    new = tl.reshape(_dot(w, cj), (BLOCK_H, BLOCK_I, BLOCK_T))
     tl.store(acc_ptr + T3, tl.load(acc_ptr + T3, mask=mask, other=0.0) * scale + new, mask=mask)
 
 
@@ -186,15 +201,15 @@ def _pair_dots(
         mt = tt < T3
         sj, cj = _phases(phase_ptr, jj, mj, tt, mt, T3, True)
         si, ci = _phases(phase_ptr, ii, mi, tt, mt, T3, False)
-        b = tl.dot(ci + si, sj, b, input_precision="ieee")
-        b = tl.dot(ci - si, cj, b, input_precision="ieee")
+        b = _dot_acc(ci + si, sj, b)
+        b = _dot_acc(ci - si, cj, b)
         rs, rc = _rotated(u_ptr, row, mrow, tt, mt, si, ci, T3, D)
-        a = tl.dot(tl.reshape(rs, (BLOCK_R, BLOCK_T)), sj, a, input_precision="ieee")
-        a = tl.dot(tl.reshape(rc, (BLOCK_R, BLOCK_T)), cj, a, input_precision="ieee")
+        a = _dot_acc(tl.reshape(rs, (BLOCK_R, BLOCK_T)), sj, a)
+        a = _dot_acc(tl.reshape(rc, (BLOCK_R, BLOCK_T)), cj, a)
         if WITH_DY:
             rs, rc = _rotated(gy_ptr, row, mrow, tt, mt, si, ci, T3, D)
-            c = tl.dot(tl.reshape(rs, (BLOCK_R, BLOCK_T)), sj, c, input_precision="ieee")
-            c = tl.dot(tl.reshape(rc, (BLOCK_R, BLOCK_T)), cj, c, input_precision="ieee")
+            c = _dot_acc(tl.reshape(rs, (BLOCK_R, BLOCK_T)), sj, c)
+            c = _dot_acc(tl.reshape(rc, (BLOCK_R, BLOCK_T)), cj, c)
     a = tl.reshape(a, (BLOCK_H, BLOCK_I, BLOCK_J))
     return a, b, tl.reshape(c, (BLOCK_H, BLOCK_I, BLOCK_J))
 
@@ -227,7 +242,7 @@ def _head_dots(out, a_ptr, b_ptr, ii, mi, jj, mj, hh, mh, H, HEAD_DIM, BLOCK_EC:
         me = ee < HEAD_DIM
         a = _heads_tile(a_ptr, ii, mi, hh, mh, ee, me, H, HEAD_DIM, False).to(out.dtype)
         b = _heads_tile(b_ptr, jj, mj, hh, mh, ee, me, H, HEAD_DIM, True).to(out.dtype)
-        out = tl.dot(a, b, out, input_precision="ieee")
+        out = _dot_acc(a, b, out)
     return out
 
 
@@ -369,7 +384,7 @@ def _edge_attention_fwd_kernel(
         p = tl.exp(s - new_max[:, :, None])
         run_sum = run_sum * scale + tl.sum(p, axis=2)
         v3 = _heads_tile(v_ptr, jj, mj, hh, mh, ee, me, H, HEAD_DIM, False).to(cdt)
-        o_acc = o_acc * scale[:, :, None] + tl.dot(p, v3, input_precision="ieee")
+        o_acc = o_acc * scale[:, :, None] + _dot(p, v3)
         w = p * r[None, :, :]
         w_sum = w_sum * scale + tl.sum(w, axis=2)
         wm_sum = wm_sum * scale + tl.sum(w * m[None, :, :], axis=2)
@@ -487,7 +502,7 @@ def _edge_attention_bwd_dst_kernel(
             BLOCK_H, BLOCK_I, BLOCK_J, BLOCK_T, BLOCK_R, BLOCK_EC,
         )  # fmt: skip
         k3 = _heads_tile(k_ptr, jj, mj, hh, mh, ee, me, H, HEAD_DIM, False).to(cdt)
-        dq = tl.dot(ds, k3, dq, input_precision="ieee")
+        dq = _dot_acc(ds, k3, dq)
         ra = alpha * r[None, :, :]
         rd = ds * r[None, :, :]
         ra_sum += tl.sum(ra, axis=2)
@@ -510,9 +525,9 @@ def _edge_attention_bwd_dst_kernel(
             off = ii[:, None] * t6 + tt[None, :]
             mask = mi[:, None] & mt[None, :]
             old = tl.load(a3_ptr + off, mask=mask, other=0.0)
-            tl.store(a3_ptr + off, old + tl.dot(kap, sj, input_precision="ieee"), mask=mask)
+            tl.store(a3_ptr + off, old + _dot(kap, sj), mask=mask)
             old = tl.load(a3_ptr + off + t3, mask=mask, other=0.0)
-            tl.store(a3_ptr + off + t3, old + tl.dot(kap, cj, input_precision="ieee"), mask=mask)
+            tl.store(a3_ptr + off + t3, old + _dot(kap, cj), mask=mask)
         tl.debug_barrier()
 
     m3 = mrow[:, :, None] & me[None, None, :]
@@ -633,8 +648,8 @@ def _edge_attention_bwd_src_kernel(
         )  # fmt: skip
         q3 = _heads_tile(q_ptr, ii, mi, hh, mh, ee, me, H, HEAD_DIM, False).to(cdt)
         go3 = _heads_tile(go_ptr, ii, mi, hh, mh, ee, me, H, HEAD_DIM, False).to(cdt)
-        dk = tl.dot(tl.permute(ds, (0, 2, 1)), q3, dk, input_precision="ieee")
-        dv = tl.dot(tl.permute(alpha, (0, 2, 1)), go3, dv, input_precision="ieee")
+        dk = _dot_acc(tl.permute(ds, (0, 2, 1)), q3, dk)
+        dv = _dot_acc(tl.permute(alpha, (0, 2, 1)), go3, dv)
         # Σ over (h, i): per-head [BJ, BI] @ [BI, BT] products, then a sum over heads.
         ra = tl.permute(alpha * r[None, :, :], (0, 2, 1))
         rd = tl.permute(ds * r[None, :, :], (0, 2, 1))
@@ -645,10 +660,10 @@ def _edge_attention_bwd_src_kernel(
             si, ci = _phases(phase_ptr, ii, mi, tt, mt, t3, False)
             us, uc = _rotated(u_ptr, row, mrow, tt, mt, si, ci, t3, D)
             dys, dyc = _rotated(gy_ptr, row, mrow, tt, mt, si, ci, t3, D)
-            dps = tl.dot(rd, us, tl.dot(ra, dys, input_precision="ieee"), input_precision="ieee")
-            dps = tl.sum(dps, axis=0) - tl.dot(kap_t, ci + si, input_precision="ieee")
-            dpc = tl.dot(rd, uc, tl.dot(ra, dyc, input_precision="ieee"), input_precision="ieee")
-            dpc = tl.sum(dpc, axis=0) - tl.dot(kap_t, ci - si, input_precision="ieee")
+            dps = _dot_acc(rd, us, _dot(ra, dys))
+            dps = tl.sum(dps, axis=0) - _dot(kap_t, ci + si)
+            dpc = _dot_acc(rd, uc, _dot(ra, dyc))
+            dpc = tl.sum(dpc, axis=0) - _dot(kap_t, ci - si)
             off = dp_ptr + jj[:, None] * t6 + tt[None, :]
             mask = mj[:, None] & mt[None, :]
             tl.store(off, tl.load(off, mask=mask, other=0.0) + dps, mask=mask)
@@ -701,7 +716,13 @@ def _phase_table(frac: torch.Tensor, num_freqs: int, dtype: torch.dtype) -> torc
 
 def _tiles(ptr: torch.Tensor, block: int):
     """Tiles of ``block`` consecutive atoms of one crystal: (crystal [T], first atom [T],
-    index of the tile within its crystal [T], most tiles of one crystal)."""
+    index of the tile within its crystal [T], most tiles of one crystal). Reads sizes
+    back from the device, so it is memoized inside :func:`dao._graph.static_batch`
+    (sampling loops, CUDA-graph capture)."""
+    return memoized("triton_tiles", ptr, _tile_schedule, block)
+
+
+def _tile_schedule(ptr: torch.Tensor, block: int):
     num = ptr[1:] - ptr[:-1]
     per = (num + block - 1) // block
     n_tiles = int(per.sum())

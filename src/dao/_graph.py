@@ -12,7 +12,10 @@ same code.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,13 +26,59 @@ __all__ = [
     "frac_diff",
     "fully_connected_edges",
     "lattice_gram",
+    "memoized",
     "segment_logsumexp",
     "segment_softmax",
+    "static_batch",
 ]
 
 
+# ------------------------------------------------------- static batch memo
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def static_batch() -> Iterator[None]:
+    """Inside, what :func:`memoized` computes from a batch-layout tensor (edge lists,
+    crystal pointers, slot layouts, kernel tile schedules) is computed once and reused.
+
+    A sampling loop evaluates the model thousands of times on one unchanging crystal
+    layout; those computations need host synchronisation (``bincount``, sizes read
+    back from the device), which costs time on a GPU and cannot be captured in a CUDA
+    graph. Values are keyed by the tensor's storage, version, shape, dtype and device
+    (and the extra arguments), so a layout tensor changed in place is recomputed;
+    the memo is dropped when the outermost ``static_batch`` exits. Not used while
+    torch.compile traces.
+    """
+    outer = getattr(_LOCAL, "memo", None)
+    if outer is None:
+        _LOCAL.memo = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _LOCAL.memo = None
+
+
+def memoized(name: str, tensor: Tensor, fn: Callable, *args):
+    """``fn(tensor, *args)``, computed once per (name, tensor, args) inside
+    :func:`static_batch` (every call outside it)."""
+    memo = getattr(_LOCAL, "memo", None)
+    if memo is None or torch.compiler.is_compiling():
+        return fn(tensor, *args)
+    version = -1 if tensor.is_inference() else tensor._version  # inference tensors have none
+    key = (name, tensor.data_ptr(), version, tuple(tensor.shape), tensor.dtype,
+           str(tensor.device), args)  # fmt: skip
+    hit = memo.get(key)
+    if hit is None:
+        # The entry holds the tensor, so its storage (part of the key) is not reused.
+        hit = memo[key] = (tensor, fn(tensor, *args))
+    return hit[1]
+
+
 def fully_connected_edges(batch: Tensor, num_crystals: int) -> Tensor:
-    """All ordered pairs (j, i) of atoms in the same crystal, self pairs included.
+    """All ordered pairs (j, i) of atoms in the same crystal, self pairs included
+    (memoized inside :func:`static_batch`).
 
     Args:
         batch: [N] int64 crystal index of every atom, sorted (crystal after crystal).
@@ -39,6 +88,10 @@ def fully_connected_edges(batch: Tensor, num_crystals: int) -> Tensor:
         [2, E] int64 (src j, dst i) with E = Σ_b N_b², ordered by crystal, then
         destination i, then source j; so each destination's edges are contiguous.
     """
+    return memoized("fully_connected_edges", batch, _fully_connected_edges, num_crystals)
+
+
+def _fully_connected_edges(batch: Tensor, num_crystals: int) -> Tensor:
     if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
         raise ValueError("batch must be sorted: list each crystal's atoms together, in order")
     device = batch.device

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from dao._graph import static_batch
 from dao.data.crystal import CrystalBatch
 from dao.diffusion.schedules import cosine_beta_schedule, geometric_sigma_schedule
 from dao.diffusion.wrapped_normal import wrapped_normal_score
@@ -493,11 +494,14 @@ class DAOGDiffusion(nn.Module):
             callback=callback,
             backend=step_backend,
         )
-        if use_graph:
-            frac, lattice = self._sample_graphed(frac, lattice, generator, **common)
-        else:
-            guidance = energy_guidance if guided else None
-            frac, lattice = self._sample_eager(frac, lattice, noise, guidance, **common)
+        # One crystal layout for all T steps: edge lists, pointers and tile schedules
+        # are built once (no per-step host syncs; capturable in a CUDA graph).
+        with static_batch():
+            if use_graph:
+                frac, lattice = self._sample_graphed(frac, lattice, generator, **common)
+            else:
+                guidance = energy_guidance if guided else None
+                frac, lattice = self._sample_eager(frac, lattice, noise, guidance, **common)
         return CrystalBatch(atom_types, frac, lattice, num_atoms)
 
     def _sample_eager(

@@ -24,6 +24,7 @@ from dao._graph import (
     frac_diff,
     fully_connected_edges,
     lattice_gram,
+    memoized,
     segment_logsumexp,
     segment_softmax,
 )
@@ -148,8 +149,14 @@ def pad_by_destination(edges: Tensor, num_nodes: int) -> PaddedEdges:
     """Regroup an edge list [2, E] by destination (any order, any graph).
 
     Per-destination reductions then become dense reductions over the slot axis.
-    Slots follow the edges' order within each destination (a stable sort).
+    Slots follow the edges' order within each destination (a stable sort). Memoized
+    inside :func:`dao._graph.static_batch` (it reads the widest degree back from the
+    device).
     """
+    return memoized("pad_by_destination", edges, _pad_by_destination, num_nodes)
+
+
+def _pad_by_destination(edges: Tensor, num_nodes: int) -> PaddedEdges:
     src, dst = edges[0], edges[1]
     device = edges.device
     deg = torch.bincount(dst, minlength=num_nodes)

@@ -153,8 +153,11 @@ class CrysformerLayer(nn.Module):
         q = self.q_proj(hn).view(n, heads, d)
         k, v = self.kv_proj(hn).chunk(2, dim=-1)
         slots = pad.src.shape[1]
-        k_pad = k[pad.src].view(n, slots, heads, d)  # [N, S, H, d]
-        v_pad = v[pad.src].view(n, slots, heads, d)
+        # index_select, not k[pad.src]: its backward is index_add (atomics on CUDA)
+        # where advanced indexing's is a sort-based index_put (~6x the whole step).
+        src = pad.src.reshape(-1)
+        k_pad = k.index_select(0, src).view(n, slots, heads, d)  # [N, S, H, d]
+        v_pad = v.index_select(0, src).view(n, slots, heads, d)
         u = torch.bmm(q.transpose(0, 1), w_heads)  # [H, N, D]: W'ᵀ q per head
         scores = (
             (q.unsqueeze(1) * k_pad).sum(-1)
@@ -388,7 +391,9 @@ class Crysformer(nn.Module):
             z = F.layer_norm(edge_raw, edge_raw.shape[1:], eps=self.layers[0].edge_norm.eps)
             if impl == "factorized":
                 pad = pad_by_destination(edges, x.shape[0])
-                z_pad = z[pad.index]  # [N, S, D]; unused slots are masked out downstream
+                # [N, S, D]; unused slots are masked out downstream (index_select: as
+                # for k and v in CrysformerLayer.attention)
+                z_pad = z.index_select(0, pad.index.reshape(-1)).view(*pad.index.shape, -1)
                 for layer in self.layers:
                     x = layer(x, z_pad, pad)
             else:

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from dao._ext import has_triton, load_core
-from dao._graph import lattice_gram
+from dao._graph import lattice_gram, memoized
 from dao.reference import edge_attention as _ref
 
 __all__ = ["BACKENDS", "edge_attention", "edge_attention_core", "fold_edge_projection"]
@@ -316,7 +316,7 @@ def edge_attention_core(
     if backend == "cpp" and q.dtype not in _DTYPE_CODE:
         raise ValueError(f"the cpp backend takes float32 or float64, got {q.dtype}")
     batch = batch.to(torch.int64)
-    ptr = _crystal_ptr(batch, gram.shape[0])
+    ptr = memoized("crystal_ptr", batch, _crystal_ptr, gram.shape[0])
     return _core_op(
         q, k, v, u, frac, gram.reshape(-1, 9), batch, ptr, int(num_freqs), float(eps), backend
     )
@@ -404,7 +404,7 @@ def edge_attention(
     if backend == "cpp" and q.dtype not in _DTYPE_CODE:
         raise ValueError(f"the cpp backend takes float32 or float64, got {q.dtype}")
     batch = batch.to(torch.int64)
-    ptr = _crystal_ptr(batch, gram.shape[0])
+    ptr = memoized("crystal_ptr", batch, _crystal_ptr, gram.shape[0])
     out, _o, _lse = _FusedEdgeAttention.apply(
         qh, k.view(n, heads, d), v.view(n, heads, d), frac, gram, w, b, batch, ptr,
         int(num_freqs), float(eps), backend,

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from dao._graph import static_batch
 from dao.train.checkpoint import atomic_save, load_checkpoint
 
 __all__ = ["TrainConfig", "Trainer", "EMA", "make_optimizer"]
@@ -366,16 +367,19 @@ class Trainer:
             for b in range(self.batch_in_epoch, len(batches)):
                 items = [self.train_set[i] for i in batches[b]]
                 batch = self._to_device(self.collate(items))
-                with self._autocast():
-                    out = self.ddp(batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {float(loss)} at step {self.step}; last good state is in "
-                        f"{self.ckpt_dir / 'last.pt'}"
-                    )
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # One crystal layout for the forward and the backward: edge lists and
+                # kernel tile schedules are built once per step (fewer host syncs).
+                with static_batch():
+                    with self._autocast():
+                        out = self.ddp(batch)
+                    loss = out["loss"]
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss is {float(loss)} at step {self.step}; last good state is "
+                            f"in {self.ckpt_dir / 'last.pt'}"
+                        )
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
                 if self.cfg.grad_clip and self.cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
                 self.opt.step()
