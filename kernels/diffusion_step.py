@@ -42,8 +42,25 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _sign_bit(y):
+    """True where y's sign bit is set (-0.0, negative values and subnormals, NaN)."""
+    if y.dtype == tl.float64:
+        neg = y.to(tl.int64, bitcast=True) < 0
+    elif y.dtype == tl.float32:
+        neg = y.to(tl.int32, bitcast=True) < 0
+    else:
+        neg = y.to(tl.int16, bitcast=True) < 0
+    return neg
+
+
+@triton.jit
 def _wrap_unit(x):
     y = x - tl.floor(x)
+    # Compiled for NVIDIA GPUs, floor flushes a float32 subnormal to zero (Triton links
+    # libdevice with FTZ) while the subtraction keeps it: a negative subnormal x gives
+    # y = x < 0 (seen on an H200, triton 3.6). Lift anything with the sign bit set by
+    # one (a float comparison could flush too); exact x - floor(x) is never negative.
+    y = tl.where(_sign_bit(y), y + 1.0, y)
     return tl.where(y >= 1.0, y - 1.0, y)
 
 

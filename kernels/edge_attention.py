@@ -335,7 +335,7 @@ def _edge_attention_fwd_kernel(
     H,
     HEAD_DIM,
     num_freqs,
-    eps,
+    eps: tl.constexpr,  # constexpr: a float argument would be float32 in a float64 kernel
     BLOCK_H: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -451,7 +451,7 @@ def _edge_attention_bwd_dst_kernel(
     H,
     HEAD_DIM,
     num_freqs,
-    eps,
+    eps: tl.constexpr,  # constexpr: a float argument would be float32 in a float64 kernel
     BLOCK_H: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -605,7 +605,7 @@ def _edge_attention_bwd_src_kernel(
     H,
     HEAD_DIM,
     num_freqs,
-    eps,
+    eps: tl.constexpr,  # constexpr: a float argument would be float32 in a float64 kernel
     BLOCK_H: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
