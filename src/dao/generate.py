@@ -211,7 +211,9 @@ def generate(
         kwargs["energy_guidance"] = daop.guidance(atom_types)
         kwargs["guidance_scale"] = float(guidance_scale)
     with torch.no_grad():
-        out = diffusion.sample(atom_types, num_atoms, generator=gen, progress=progress, **kwargs)
+        out = diffusion.sample(
+            atom_types, num_atoms, generator=gen, progress=progress, cuda_graph="auto", **kwargs
+        )
         residual = _residual(diffusion, out)
     frac, lat = out.frac_coords.cpu(), out.lattice.cpu()
     dmin, vol = _min_distances(frac, lat, num_atoms.cpu())

@@ -114,7 +114,9 @@ def sample_test_set(
         if daop is not None:
             kwargs["energy_guidance"] = daop.guidance(types)
         with torch.no_grad():
-            res = diffusion.sample(types, nums, generator=gen, progress=progress, **kwargs)
+            res = diffusion.sample(
+                types, nums, generator=gen, progress=progress, cuda_graph="auto", **kwargs
+            )
         ptr = [0, *torch.cumsum(nums, 0).tolist()]
         with out.open("a") as f:
             for k, (mid, sample, _) in enumerate(chunk):
