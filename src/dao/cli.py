@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dao._progress import show_progress
 from dao.daop.cli import add_daop_parsers
 from dao.data.download import add_download_parser
 from dao.eval.cli import add_evaluate_parser
@@ -42,7 +43,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             step_lr=args.step_lr,
             device=args.device,
             max_atoms=args.max_atoms,
-            progress=not args.quiet,
+            progress=show_progress(not args.quiet),
             daop=_daop_choice(args),
             guidance_scale=_guidance_scale(args),
             rank_by_energy=args.rank_by_energy,
@@ -105,7 +106,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.init_from:
         cfg.setdefault("train", {})["init_from"] = args.init_from
     out = args.out or f"runs/{__import__('pathlib').Path(args.config).stem}"
-    summary = train_from_config(cfg, out, resume=not args.restart, progress=not args.quiet)
+    summary = train_from_config(
+        cfg, out, resume=not args.restart, progress=show_progress(not args.quiet)
+    )
     print(
         f"{'finished' if summary['finished'] else 'stopped'} at step {summary['step']} "
         f"(epoch {summary['epoch']}), {summary['elapsed_s'] / 60:.1f} min of training; "

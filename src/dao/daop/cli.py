@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dao._progress import show_progress
 from dao.data.crystal import canonical_batch
 
 __all__ = ["add_daop_parsers", "read_structures"]
@@ -193,7 +194,7 @@ def _cmd_relax_dataset(args) -> int:
         steps=args.steps,
         lr=args.lr,
         batch_size=args.batch_size,
-        progress=not args.quiet,
+        progress=show_progress(not args.quiet),
     )
     print(json.dumps(report, indent=1))
     return 0
@@ -272,7 +273,7 @@ def _cmd_tc_cv(args) -> int:
         folds=args.folds,
         seed=args.seed,
         train_cfg=cfg,
-        progress=not args.quiet,
+        progress=show_progress(not args.quiet),
     )
     out = Path(args.out)
     ens = export_property_ensemble(

@@ -32,6 +32,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from dao._progress import show_progress
+
 __all__ = ["add_evaluate_parser", "run_evaluate", "load_predictions"]
 
 _CIF_NAME = re.compile(r"^(?P<mid>.+)__(?P<k>\d+)\.cif$")
@@ -225,7 +227,12 @@ def run_evaluate(args) -> int:
     t0 = time.perf_counter()
     gt, all_ids = _read_ground_truth(args)
     ids = [m for m, _ in gt]
-    common = dict(num_samples=k, workers=args.workers, timeout=args.timeout, progress=args.progress)
+    common = dict(
+        num_samples=k,
+        workers=args.workers,
+        timeout=args.timeout,
+        progress=show_progress(args.progress),
+    )
     out = Path(args.out)
     stem = out.with_suffix("") if out.suffix == ".jsonl" else out
     if args.baseline:

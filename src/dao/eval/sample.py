@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dao._progress import show_progress
+
 __all__ = ["sample_test_set", "add_sample_parser"]
 
 
@@ -185,7 +187,7 @@ def add_sample_parser(subparsers) -> None:
             batch_size=args.batch_size,
             step_lr=args.step_lr,
             device=args.device,
-            progress=not args.quiet,
+            progress=show_progress(not args.quiet),
             shard=shard,
             daop_weights=args.daop_weights,
             guidance_scale=args.guidance_scale,
