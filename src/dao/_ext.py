@@ -10,7 +10,7 @@ import functools
 import importlib.util
 import os
 
-__all__ = ["load_core", "has_cuda_ext", "has_triton", "triton_interpret"]
+__all__ = ["load_core", "has_cuda_ext", "has_triton", "num_threads", "triton_interpret"]
 
 
 @functools.cache
@@ -52,3 +52,14 @@ def has_triton() -> bool:
     import torch  # noqa: PLC0415
 
     return torch.cuda.is_available() or triton_interpret()
+
+
+def num_threads() -> int:
+    """Threads for the C++ kernels: ``$DAO_NUM_THREADS`` if set, else torch's intra-op
+    thread count (at least 1)."""
+    env = os.environ.get("DAO_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    import torch  # noqa: PLC0415
+
+    return max(1, torch.get_num_threads())

@@ -28,9 +28,7 @@ equality holds only to that tolerance.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -132,9 +130,8 @@ def atom_feature_table() -> Tensor:
     """A [101, 92] atom-feature table for tests, row Z = element Z.
 
     The CGCNN table from :mod:`dao.data.atom_features` when it is available, else
-    ``cgcnn/atom_init.json`` under ``$DAO_DATA_DIR`` or the shared data folder
-    beside the repository (``../shared/data``), else a fixed random table: the model
-    contracts hold for any table.
+    ``cgcnn/atom_init.json`` in the data folder (:func:`dao.data.paths.data_root`),
+    else a fixed random table: the model contracts hold for any table.
     """
     try:
         from dao.data.atom_features import atom_features  # noqa: PLC0415
@@ -142,15 +139,15 @@ def atom_feature_table() -> Tensor:
         return atom_features()
     except ImportError:
         pass
-    roots = [os.environ.get("DAO_DATA_DIR"), Path(__file__).resolve().parents[3] / "shared/data"]
-    for root in roots:
-        path = Path(root) / "cgcnn" / "atom_init.json" if root else None
-        if path is not None and path.is_file():
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            table = torch.zeros(101, 92)
-            for z, vec in raw.items():
-                table[int(z)] = torch.tensor(vec, dtype=torch.float32)
-            return table
+    from dao.data.paths import data_root  # noqa: PLC0415
+
+    path = data_root() / "cgcnn" / "atom_init.json"
+    if path.is_file():
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        table = torch.zeros(101, 92)
+        for z, vec in raw.items():
+            table[int(z)] = torch.tensor(vec, dtype=torch.float32)
+        return table
     gen = torch.Generator().manual_seed(92)
     return (torch.rand(101, 92, generator=gen) < 0.1).float()
 

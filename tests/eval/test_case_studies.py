@@ -4,7 +4,6 @@ import csv
 import dataclasses
 import gzip
 import math
-import os
 import re
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Composition, Structure
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
+from dao.data.paths import data_root
 from dao.eval.case_studies import (
     CASE_STUDIES,
     CaseStudy,
@@ -24,9 +24,7 @@ from dao.eval.case_studies import (
     get_case_study,
 )
 
-DATA_ROOT = Path(
-    os.environ.get("DAO_DATA_ROOT", Path(__file__).resolve().parents[3] / "shared/data")
-)
+DATA_ROOT = data_root()
 
 # The cited numbers, typed here a second time so that an edit of the module shows up.
 # Cr3Os: mp-416, a = 4.64823 Å. Zr4Pd2O: mp-22479, primitive a = 8.89205162 Å, 60°.

@@ -255,8 +255,10 @@ def _cmd_energy_mae(args) -> int:
 def _cmd_tc_cv(args) -> int:
     from dao.daop.property import export_property_ensemble  # noqa: PLC0415
     from dao.daop.tc import cross_validate_tc, load_3dsc  # noqa: PLC0415
+    from dao.data.paths import data_root  # noqa: PLC0415
 
-    ds = load_3dsc(args.data_root, max_atoms=args.max_atoms, exclude_formulas=args.exclude)
+    root = args.data_root or data_root()
+    ds = load_3dsc(root, max_atoms=args.max_atoms, exclude_formulas=args.exclude)
     print(f"3DSC: {len(ds)} formulas with a structure of <= {args.max_atoms} atoms")
     cfg = {
         "epochs": args.epochs,
@@ -355,7 +357,7 @@ def add_daop_parsers(subparsers) -> None:
         "tc-cv",
         help="fine-tune DAO-P for Tc on 3DSC with k-fold cross-validation (and the baseline)",
     )
-    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--data-root", default=None, help="data folder (default: dao.data.paths)")
     p.add_argument("--daop-weights", default=None, help="DAO-P to start from (default: shipped)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=30)

@@ -922,21 +922,14 @@ def _command(settings: QESettings, pools: int) -> list[str]:
 
 
 def default_pseudo_dir() -> Path:
-    """``$DAO_PSEUDO_DIR``; else ``pseudo`` in ``$DAO_DATA_ROOT`` or ``$DAO_DATA_DIR``
-    (the data-root variables of the rest of ``dao``); else the first existing of
-    ``../shared/data/pseudo`` (from the working directory, like the default data root)
-    and ``shared/data/pseudo`` beside a source checkout (the former when neither
-    exists, so that errors name it)."""
+    """``$DAO_PSEUDO_DIR``; else ``pseudo`` in the data folder
+    (:func:`dao.data.paths.data_root`: ``$DAO_DATA_ROOT``, ``../shared/data`` or
+    ``shared/data`` beside a source checkout)."""
+    from dao.data.paths import data_root  # noqa: PLC0415
+
     if os.environ.get("DAO_PSEUDO_DIR"):
         return Path(os.environ["DAO_PSEUDO_DIR"])
-    for var in ("DAO_DATA_ROOT", "DAO_DATA_DIR"):
-        if os.environ.get(var):
-            return Path(os.environ[var]) / "pseudo"
-    candidates = [
-        Path("../shared/data/pseudo"),
-        Path(__file__).resolve().parents[4] / "shared" / "data" / "pseudo",
-    ]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    return data_root() / "pseudo"
 
 
 @functools.lru_cache(maxsize=8)

@@ -31,14 +31,13 @@ ValueError when grad mode is on and an input requires grad.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from dao._ext import has_triton, load_core
+from dao._ext import has_triton, load_core, num_threads
 from dao.reference import diffusion_step as _ref
 from dao.reference.diffusion_step import CORRECTOR_COEFFICIENTS, PREDICTOR_COEFFICIENTS
 
@@ -52,11 +51,6 @@ __all__ = [
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
-
-
-def _num_threads() -> int:
-    env = os.environ.get("DAO_NUM_THREADS")
-    return max(1, int(env)) if env else max(1, torch.get_num_threads())
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -155,7 +149,7 @@ def _corrector_cpp(frac, score, noise, coefs):
     out = torch.empty_like(frac)
     load_core().corrector_step_cpu(
         frac.data_ptr(), score.data_ptr(), _ptr(noise), coefs.data_ptr(), out.data_ptr(),
-        frac.numel(), _DTYPE_CODE[frac.dtype], _num_threads(),
+        frac.numel(), _DTYPE_CODE[frac.dtype], num_threads(),
     )  # fmt: skip
     return out
 
@@ -166,7 +160,7 @@ def _predictor_cpp(frac, score, noise_f, grad_f, lattice, eps, noise_l, grad_l, 
         frac.data_ptr(), score.data_ptr(), _ptr(noise_f), _ptr(grad_f), lattice.data_ptr(),
         eps.data_ptr(), _ptr(noise_l), _ptr(grad_l), coefs.data_ptr(), out_f.data_ptr(),
         out_l.data_ptr(), frac.numel(), lattice.numel(), _DTYPE_CODE[frac.dtype],
-        _num_threads(),
+        num_threads(),
     )  # fmt: skip
     return out_f, out_l
 

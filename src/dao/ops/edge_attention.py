@@ -47,7 +47,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from dao._ext import has_triton, load_core
+from dao._ext import has_triton, load_core, num_threads
 from dao._graph import lattice_gram, memoized
 from dao.reference import edge_attention as _ref
 
@@ -55,11 +55,6 @@ __all__ = ["BACKENDS", "edge_attention", "edge_attention_core", "fold_edge_proje
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
-
-
-def _num_threads() -> int:
-    env = os.environ.get("DAO_NUM_THREADS")
-    return max(1, int(env)) if env else max(1, torch.get_num_threads())
 
 
 CPP_KERNELS = {"pairs": 0, "gemm": 1}
@@ -119,7 +114,7 @@ def _cpp_forward(q, k, v, u, frac, gram, ptr, num_freqs, eps):
         q.data_ptr(), k.data_ptr(), v.data_ptr(), u.data_ptr(), frac.data_ptr(),
         gram.data_ptr(), ptr.data_ptr(), o.data_ptr(), y.data_ptr(), lse.data_ptr(),
         n, gram.shape[0], heads, d, dim, num_freqs, float(eps), _DTYPE_CODE[q.dtype],
-        _num_threads(), _cpp_kernel(),
+        num_threads(), _cpp_kernel(),
     )  # fmt: skip
     return o, y, lse
 
@@ -139,7 +134,7 @@ def _cpp_backward(grad_o, grad_y, q, k, v, u, frac, gram, ptr, o, lse, num_freqs
         lse.data_ptr(), y.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         du.data_ptr(), dfrac.data_ptr(), dgram.data_ptr(),
         n, gram.shape[0], heads, d, dim, num_freqs, float(eps), _DTYPE_CODE[q.dtype],
-        _num_threads(), _cpp_kernel(),
+        num_threads(), _cpp_kernel(),
     )  # fmt: skip
     return dq, dk, dv, du, dfrac, dgram, y
 

@@ -18,13 +18,12 @@ float dtype: 18 bytes per pair for float32 (the default dtype), 22 for float64.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from dao._checks import check_cutoff, check_systems
-from dao._ext import has_cuda_ext, has_triton, load_core
+from dao._ext import has_cuda_ext, has_triton, load_core, num_threads
 from dao._types import NeighborList, empty_neighbor_outputs
 from dao.reference import neighbor_list as _ref
 
@@ -34,15 +33,10 @@ BACKENDS = ("auto", "cpp", "cuda", "triton", "torch")
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 
 
-def _num_threads() -> int:
-    env = os.environ.get("DAO_NUM_THREADS")
-    return max(1, int(env)) if env else max(1, torch.get_num_threads())
-
-
 def _run_cpp(positions, cell, ptr, pbc, cutoff, self_interaction, want_d, want_v):
     core = load_core()
     pbc_u8 = pbc.to(torch.uint8).contiguous()
-    nt = _num_threads()
+    nt = num_threads()
     res = core.neighbor_list_cpu(
         positions.data_ptr(),
         cell.data_ptr(),

@@ -68,8 +68,9 @@ class DiffusionObjective(nn.Module):
 
 def _datasets(data_cfg: dict[str, Any], seed: int):
     from dao.data.dataset import training_pool  # noqa: PLC0415
+    from dao.data.paths import data_root  # noqa: PLC0415
 
-    root = data_cfg.get("data_root", os.environ.get("DAO_DATA_ROOT", "../shared/data"))
+    root = data_cfg.get("data_root") or data_root()
     pool = training_pool(
         root,
         exclude_files=data_cfg.get("exclude"),
