@@ -210,7 +210,7 @@ def compile_section(rows: list[dict]) -> list[str]:
     return [*out, ""]
 
 
-def plot(train: list[dict], samp: list[dict]) -> bool:
+def plot(train: list[dict], samp: list[dict], name: str = "model.png", where: str = "") -> bool:
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -220,8 +220,8 @@ def plot(train: list[dict], samp: list[dict]) -> bool:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, key, title in (
-        (axes[0], "train_step_ms", "training step (ms, log)"),
-        (axes[1], "peak_mem_mb", "peak memory of a step (MB, log)"),
+        (axes[0], "train_step_ms", f"training step{where} (ms, log)"),
+        (axes[1], "peak_mem_mb", f"peak memory of a step{where} (MB, log)"),
     ):
         groups = defaultdict(dict)
         for r in train:
@@ -245,10 +245,11 @@ def plot(train: list[dict], samp: list[dict]) -> bool:
         axes[2].bar(xs, [g.get(prov, 0) for g in groups.values()], width, label=prov)
     axes[2].set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], list(groups))
     axes[2].set_yscale("log")
-    axes[2].set_title("sampling (structures / s, log)")
+    axes[2].set_title(f"sampling{where} (structures / s, log)")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "model.png", dpi=110)
+    fig.savefig(RESULTS / name, dpi=110)
+    plt.close(fig)
     return True
 
 
@@ -275,6 +276,8 @@ def main() -> None:
         *sampling_section(samp),
         "",
     ]
+    if plot(train, samp):
+        lines += ["![training and sampling cost](results/model.png)", ""]
     gpu_train, gpu_samp = _read("edge_attention_gpu.csv"), _read("sampling_gpu.csv")
     if gpu_train or gpu_samp:
         lines += [
@@ -297,8 +300,8 @@ def main() -> None:
             *sampling_section(gpu_samp, TARGETS_GPU["sampling"], "sampling_gpu.csv"),
             "",
         ]
-    if plot(train, samp):
-        lines += ["![training and sampling cost](results/model.png)", ""]
+        if gpu_train and gpu_samp and plot(gpu_train, gpu_samp, "model_gpu.png", ", H200"):
+            lines += ["![training and sampling cost on the GPU](results/model_gpu.png)", ""]
     lines.append(END)
     _harness.replace_section(HERE / "BENCHMARKS.md", BEGIN, END, "\n".join(lines))
 
