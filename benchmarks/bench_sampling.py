@@ -28,6 +28,8 @@ Run (rows go to benchmarks/results/sampling.csv)::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -49,8 +51,26 @@ GPU_CRYSTALS = {"mp20": (1000, 256), "mpts52": (256, 64)}
 PROVIDERS = ("reference", "factorized", "fused", "fused+cuda_graph", "factorized+cuda_graph")
 
 
+FWD_HEADS_ENV = "DAO_TRITON_FWD_HEADS"  # dao.kernels.edge_attention.FWD_HEADS_ENV
+
+
 class _Stop(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _env(name: str, value):
+    """``$name`` = value inside (unchanged when value is None), restored after."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = str(value)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def compositions(csv_name: str, n: int):
@@ -106,6 +126,14 @@ def main(argv=None) -> None:
     p.add_argument("--providers", nargs="*", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--models", nargs="+", choices=["shipped", "paper"], default=None)
     p.add_argument("--crystals", type=int, default=None, help="compositions per batch (all rows)")
+    p.add_argument(
+        "--fwd-heads",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run the fused providers with the Triton forward split into groups of "
+        f"this many heads (${FWD_HEADS_ENV}; rows 'fused (fwd heads N)')",
+    )
     p.add_argument("--out", default=str(_harness.REPO_ROOT / "benchmarks/results/sampling.csv"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -123,20 +151,27 @@ def main(argv=None) -> None:
                     n_shipped, n_paper = GPU_CRYSTALS[wl]
                 n = args.crystals or (n_shipped if model == "shipped" else n_paper)
                 types, nums = compositions(csv_name, n)
-                for provider in args.providers:
+                variants = [(p, p, None) for p in args.providers] + [
+                    (f"{p} (fwd heads {h})", p, h)
+                    for h in args.fwd_heads
+                    for p in args.providers
+                    if p.startswith("fused")
+                ]
+                for label, provider, heads in variants:
                     if provider.endswith("+cuda_graph") and args.device != "cuda":
                         continue
-                    sec = _harness.attempt(
-                        seconds_per_step,
-                        diff,
-                        types,
-                        nums,
-                        provider,
-                        steps,
-                        args.device,
-                        label=f"{model} {wl} {provider}",
-                        device=args.device,
-                    )
+                    with _env(FWD_HEADS_ENV, heads):
+                        sec = _harness.attempt(
+                            seconds_per_step,
+                            diff,
+                            types,
+                            nums,
+                            provider,
+                            steps,
+                            args.device,
+                            label=f"{model} {wl} {label}",
+                            device=args.device,
+                        )
                     if sec is None:
                         continue
                     per_s = len(nums) / (diff.timesteps * sec)
@@ -145,7 +180,7 @@ def main(argv=None) -> None:
                         "workload": wl,
                         "crystals": len(nums),
                         "atoms": int(nums.sum()),
-                        "provider": provider,
+                        "provider": label,
                         "ms_per_step": round(1e3 * sec, 3),
                         "structures_per_s": round(per_s, 5),
                         "s_per_structure": round(1.0 / per_s, 3),

@@ -68,8 +68,8 @@ step tests 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" -v --tb=short 
 step bench_train 150 $PY benchmarks/bench_edge_attention.py --device cuda --repeats 5 \
   --providers reference factorized fused --out "$OUT/edge_attention_gpu.csv"
 
-step bench_sampling 120 $PY benchmarks/bench_sampling.py --device cuda --steps 12 \
-  --out "$OUT/sampling_gpu.csv"
+step bench_sampling 150 $PY benchmarks/bench_sampling.py --device cuda --steps 12 \
+  --fwd-heads 1 2 --out "$OUT/sampling_gpu.csv"
 
 step train_smoke 75 $PY -m dao.cli train configs/daog_mp20_small.toml -o /tmp/dao_gpu_run \
   --max-minutes 0.5 -q

@@ -61,6 +61,7 @@ not tuned on hardware yet.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -354,7 +355,7 @@ def _edge_attention_fwd_kernel(
     i0 = tl.load(tile_start_ptr + tile)
     begin = tl.load(ptr_ptr + crystal)
     end = tl.load(ptr_ptr + crystal + 1)
-    hh = tl.arange(0, BLOCK_H)
+    hh = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # this program's head group
     ii = i0 + tl.arange(0, BLOCK_I)
     ee = tl.arange(0, BLOCK_E)
     mh, mi, me = hh < H, ii < end, ee < HEAD_DIM
@@ -734,20 +735,39 @@ def _tile_schedule(ptr: torch.Tensor, block: int):
     return crystal, ptr[crystal] + block * local, local, int(per.max()) if per.numel() else 0
 
 
-def _launch_options(heads: int, head_dim: int) -> dict:
+#: Environment variable: heads per program of the forward kernel (a power of two; default
+#: all heads in one program). Fewer heads per program give the GPU more programs (the
+#: grid is tiles x head groups) at the price of recomputing each tile's head-independent
+#: LayerNorm sums per group; the backward kernels always take all heads.
+FWD_HEADS_ENV = "DAO_TRITON_FWD_HEADS"
+
+
+def _forward_heads_per_program(heads: int) -> int:
+    every = triton.next_power_of_2(heads)
+    env = os.environ.get(FWD_HEADS_ENV)
+    if not env:
+        return every
+    want = int(env)
+    if want < 1 or want & (want - 1):
+        raise ValueError(f"{FWD_HEADS_ENV} must be a power of two >= 1, got {env!r}")
+    return min(every, want)
+
+
+def _launch_options(heads: int, head_dim: int, heads_per_program: int | None = None) -> dict:
+    block_h = heads_per_program or triton.next_power_of_2(heads)
     return dict(
-        BLOCK_H=triton.next_power_of_2(heads),
+        BLOCK_H=block_h,
         BLOCK_I=_BLOCK_I,
         BLOCK_J=_BLOCK_J,
         BLOCK_E=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_T=_BLOCK_T,
         BLOCK_GRAM=_BLOCK_GRAM,
-        BLOCK_R=triton.next_power_of_2(heads) * _BLOCK_I,
+        BLOCK_R=block_h * _BLOCK_I,
         BLOCK_EC=_BLOCK_EC,
         # Warps per program: one per [BI, BJ] head tile, at least four. Not tuned on
         # hardware; ptxas (sm_90, float32, H = 8, d = 48, K = 128) reports 255
         # registers and 0.4 to 1.1 KB of spill stack per thread with eight.
-        num_warps=max(4, triton.next_power_of_2(heads)),
+        num_warps=max(4, block_h),
         # FMA contraction only makes the scalar LayerNorm terms more accurate;
         # passing it keeps Triton's default-change warning away.
         enable_fp_fusion=True,
@@ -805,10 +825,11 @@ def _forward(q, k, v, u, phase, gram, ptr, num_freqs, eps, out_dtype):
     lse = torch.empty(n, heads, dtype=cdt, device=q.device)
     tile_sys, tile_start, _, _ = _tiles(ptr, _BLOCK_I)
     acc = torch.zeros(n, heads, dim - 9, dtype=cdt, device=q.device)
-    _edge_attention_fwd_kernel[(tile_sys.numel(),)](
+    per_program = _forward_heads_per_program(heads)
+    _edge_attention_fwd_kernel[(tile_sys.numel(), triton.cdiv(heads, per_program))](
         q, k, v, u, phase, gram, ptr, tile_sys, tile_start, acc, o, y, lse,
         heads, head_dim, num_freqs, float(eps),
-        **_launch_options(heads, head_dim),
+        **_launch_options(heads, head_dim, per_program),
     )  # fmt: skip
     return o, y, lse
 

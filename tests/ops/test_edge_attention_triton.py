@@ -173,6 +173,28 @@ def test_matches_reference(_triton_mode, dtype, case):
         assert torch.equal(p[name], before[name]), name
 
 
+@pytest.mark.parametrize("per_program", ["1", "2", "4"])
+def test_forward_head_groups(_triton_mode, monkeypatch, per_program):
+    # DAO_TRITON_FWD_HEADS splits the forward's heads over a second grid axis: H = 3
+    # (a masked head in the last group of 2) and H = 4; the results of one program for
+    # all heads (up to rounding), and the reference's.
+    for seed, heads in ((31, 3), (32, 4)):
+        p = _problem(seed, [5, 1, 18], 2, heads, 4)
+        monkeypatch.delenv(_triton_mode.FWD_HEADS_ENV, raising=False)
+        whole = _run_kernels(_triton_mode, p, torch.float64)
+        monkeypatch.setenv(_triton_mode.FWD_HEADS_ENV, per_program)
+        split = _run_kernels(_triton_mode, p, torch.float64)
+        for a, b in zip([*split[0], *split[1]], [*whole[0], *whole[1]], strict=True):
+            assert_close(a, b, torch.float64)  # compiled dots may tile rows differently
+        _assert_matches(split, _reference(p, torch.float64), torch.float64)
+
+
+def test_forward_head_groups_checked(_triton_mode, monkeypatch):
+    monkeypatch.setenv(_triton_mode.FWD_HEADS_ENV, "3")
+    with pytest.raises(ValueError, match="power of two"):
+        _run_kernels(_triton_mode, _problem(33, [2], 1, 2, 2), torch.float32)
+
+
 def test_bfloat16_in_float32(_triton_mode):
     # bf16 in, float32 accumulation: o, y and the gradients in bf16, lse in float32.
     p = _problem(3, [5, 1, 8], 3, 2, 4)
