@@ -747,7 +747,7 @@ def _forward_heads_per_program(heads: int) -> int:
     env = os.environ.get(FWD_HEADS_ENV)
     if not env:
         return every
-    want = int(env)
+    want = int(env) if env.strip().isdigit() else 0
     if want < 1 or want & (want - 1):
         raise ValueError(f"{FWD_HEADS_ENV} must be a power of two >= 1, got {env!r}")
     return min(every, want)

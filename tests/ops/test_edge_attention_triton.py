@@ -190,9 +190,10 @@ def test_forward_head_groups(_triton_mode, monkeypatch, per_program):
 
 
 def test_forward_head_groups_checked(_triton_mode, monkeypatch):
-    monkeypatch.setenv(_triton_mode.FWD_HEADS_ENV, "3")
-    with pytest.raises(ValueError, match="power of two"):
-        _run_kernels(_triton_mode, _problem(33, [2], 1, 2, 2), torch.float32)
+    for bad in ("3", "0", "two"):
+        monkeypatch.setenv(_triton_mode.FWD_HEADS_ENV, bad)
+        with pytest.raises(ValueError, match="power of two"):
+            _run_kernels(_triton_mode, _problem(33, [2], 1, 2, 2), torch.float32)
 
 
 def test_bfloat16_in_float32(_triton_mode):
