@@ -131,7 +131,12 @@ def _predictor_step_fwd_kernel(
         q = tl.load(coef_ptr + 4).to(dt)
         y = tl.load(lat_ptr + offs, mask=mask, other=0.0)
         y = y - b * tl.load(eps_ptr + offs, mask=mask, other=0.0)
-        y = tl.fdiv(y, q, ieee_rounding=True)
+        if dt == tl.float64:
+            y = y / q  # float64 division is IEEE round-to-nearest (div.rn.f64) already
+        else:
+            # float32 "/" is the approximate div.full.f32; fdiv with ieee_rounding is
+            # div.rn.f32 (Triton 3.9 rejects it for float64: found by compile_check)
+            y = tl.fdiv(y, q, ieee_rounding=True)
         if HAS_NOISE_L:
             c = tl.load(coef_ptr + 5).to(dt)
             y = y + c * tl.load(noise_l_ptr + offs, mask=mask, other=0.0)
