@@ -14,7 +14,8 @@
 # step's full log into $OUT/logs.tgz (few files: a lease returns at most eight).
 # STEPS="build tests ..." runs a subset; TESTS="..." replaces the test selection.
 # The data must be at ../shared/data or in .devdata/shared/data (a copy the lease carries, with the
-# processed-CSV cache in .devdata/cache: the GPU image has no pymatgen to process it).
+# processed-CSV cache in .devdata/cache: the GPU image has no pymatgen to process it);
+# benchmarks/prepare_gpu_data.sh builds .devdata.
 set -u
 BUDGET=${1:-540}
 START=$(date +%s)
