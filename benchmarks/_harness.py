@@ -36,6 +36,7 @@ __all__ = [
     "core_build_id",
     "cpu_model",
     "dist_version",
+    "env",
     "git_commit",
     "load_avg",
     "machine_facts",
@@ -85,17 +86,27 @@ def threads(n: int) -> Iterator[int]:
     row claims to have used.
     """
     old_torch = torch.get_num_threads()
-    old_env = os.environ.get("DAO_NUM_THREADS")
     torch.set_num_threads(n)
-    os.environ["DAO_NUM_THREADS"] = str(n)
     try:
-        yield n
+        with env("DAO_NUM_THREADS", n):
+            yield n
     finally:
         torch.set_num_threads(old_torch)
-        if old_env is None:
-            os.environ.pop("DAO_NUM_THREADS", None)
+
+
+@contextlib.contextmanager
+def env(name: str, value) -> Iterator[None]:
+    """``$name`` = ``str(value)`` inside (left as it is when value is None), restored after."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = str(value)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
         else:
-            os.environ["DAO_NUM_THREADS"] = old_env
+            os.environ[name] = old
 
 
 def load_avg() -> list[float]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import statistics
 import sys
 import threading
@@ -242,22 +241,15 @@ def compare_kernels(size: str, batch, repeats: int, n_threads: int) -> list[dict
         "train_step_ms": step,
     }
     times = {(kern, what): [] for kern in CPP_KERNELS for what in calls}
-    old = os.environ.get(KERNEL_ENV)
-    try:
-        with _harness.threads(n_threads):
-            for r in range(repeats + 1):  # the first round is a warm-up
-                for kern in CPP_KERNELS if r % 2 else CPP_KERNELS[::-1]:
-                    os.environ[KERNEL_ENV] = kern
+    with _harness.threads(n_threads):
+        for r in range(repeats + 1):  # the first round is a warm-up
+            for kern in CPP_KERNELS if r % 2 else CPP_KERNELS[::-1]:
+                with _harness.env(KERNEL_ENV, kern):
                     for what, fn in calls.items():
                         t0 = time.perf_counter()
                         fn()
                         if r:
                             times[(kern, what)].append(1e3 * (time.perf_counter() - t0))
-    finally:
-        if old is None:
-            os.environ.pop(KERNEL_ENV, None)
-        else:
-            os.environ[KERNEL_ENV] = old
     return [
         {
             "kernel": kern,

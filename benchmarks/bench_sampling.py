@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
@@ -51,26 +50,8 @@ GPU_CRYSTALS = {"mp20": (1000, 256), "mpts52": (256, 64)}
 PROVIDERS = ("reference", "factorized", "fused", "fused+cuda_graph", "factorized+cuda_graph")
 
 
-FWD_HEADS_ENV = "DAO_TRITON_FWD_HEADS"  # dao.kernels.edge_attention.FWD_HEADS_ENV
-
-
 class _Stop(Exception):
     pass
-
-
-@contextlib.contextmanager
-def _env(name: str, value):
-    """``$name`` = value inside (unchanged when value is None), restored after."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = str(value)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def compositions(csv_name: str, n: int):
@@ -132,10 +113,13 @@ def main(argv=None) -> None:
         nargs="*",
         default=[],
         help="also run the fused providers with the Triton forward split into groups of "
-        f"this many heads (${FWD_HEADS_ENV}; rows 'fused (fwd heads N)')",
+        "this many heads ($DAO_TRITON_FWD_HEADS; rows 'fused (fwd heads N)')",
     )
     p.add_argument("--out", default=str(_harness.REPO_ROOT / "benchmarks/results/sampling.csv"))
     args = p.parse_args(argv)
+    fwd_heads_env = None
+    if args.fwd_heads:
+        from dao.kernels.edge_attention import FWD_HEADS_ENV as fwd_heads_env  # noqa: PLC0415
     torch.set_num_threads(args.threads)
     steps = 4 if args.quick else max(3, args.steps)
     models = ["shipped"] if args.quick else (args.models or ["shipped", "paper"])
@@ -160,7 +144,8 @@ def main(argv=None) -> None:
                 for label, provider, heads in variants:
                     if provider.endswith("+cuda_graph") and args.device != "cuda":
                         continue
-                    with _env(FWD_HEADS_ENV, heads):
+                    split = heads is not None
+                    with _harness.env(fwd_heads_env, heads) if split else contextlib.nullcontext():
                         sec = _harness.attempt(
                             seconds_per_step,
                             diff,

@@ -47,11 +47,11 @@ def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def training_section(
-    rows: list[dict], targets: dict = TARGETS_CPU, fast: tuple[str, ...] = ("fused",)
-) -> list[str]:
-    """Tables per (model, batch) and a target table for the ``fast`` providers."""
-    gpu = targets is TARGETS_GPU
+def training_section(rows: list[dict], gpu: bool = False) -> list[str]:
+    """Tables per (model, batch) and a target table: the CPU targets for the fused
+    provider, or (``gpu``) the GPU targets for the factorized and fused ones."""
+    targets = TARGETS_GPU if gpu else TARGETS_CPU
+    fast = ("factorized", "fused") if gpu else ("fused",)
     if not rows:
         return ["No edge-attention results yet: run `benchmarks/bench_edge_attention.py`."]
     r0 = rows[0]
@@ -153,11 +153,13 @@ def training_section(
     return out[:2] + head + out[2:]
 
 
-def sampling_section(rows: list[dict], target: float = 2.0, csv_name: str = "sampling.csv"):
+def sampling_section(rows: list[dict], gpu: bool = False) -> list[str]:
+    target = (TARGETS_GPU if gpu else TARGETS_CPU)["sampling"]
+    csv_name = "sampling_gpu.csv" if gpu else "sampling.csv"
     if not rows:
         return ["No sampling results yet: run `benchmarks/bench_sampling.py`."]
     r0 = rows[0]
-    threads = "" if "gpu" in csv_name else f"{r0['threads']} threads, "
+    threads = "" if gpu else f"{r0['threads']} threads, "
     out = [
         f"Measured {r0['date']} at commit `{r0['commit'][:10]}{_dirty(r0)}` on {r0['device']}, "
         f"{threads}torch {r0['torch']}; {r0['steps_timed']} timed "
@@ -176,7 +178,7 @@ def sampling_section(rows: list[dict], target: float = 2.0, csv_name: str = "sam
         ref = prov.get("reference")
         for name, r in prov.items():
             su = _f(r["structures_per_s"]) / _f(ref["structures_per_s"]) if ref else float("nan")
-            fast = name.startswith("fused") or (name == "factorized" and target != 2.0)
+            fast = name.startswith("fused") or (name == "factorized" and gpu)
             mark = _yes(su >= target) if fast else ""
             out.append(
                 f"| {model} | {wl} ({r['crystals']} crystals, {r['atoms']} atoms) | {name} | "
@@ -293,11 +295,11 @@ def main() -> None:
             "",
             "#### Training cost (GPU)",
             "",
-            *training_section(gpu_train, TARGETS_GPU, ("factorized", "fused")),
+            *training_section(gpu_train, gpu=True),
             *compile_section(_read("edge_attention_gpu_compile.csv")),
             "#### Sampling throughput (GPU)",
             "",
-            *sampling_section(gpu_samp, TARGETS_GPU["sampling"], "sampling_gpu.csv"),
+            *sampling_section(gpu_samp, gpu=True),
             "",
         ]
         if gpu_train and gpu_samp and plot(gpu_train, gpu_samp, "model_gpu.png", ", H200"):
