@@ -6,7 +6,13 @@ Providers (same model, same weights, same batch, side by side in one run):
   LayerNorm and Linear materialised in every layer), eager;
 * ``reference+compile``: the same under ``torch.compile`` (inductor, static shapes);
 * ``factorized``: the earlier pure-PyTorch fast path (informational);
-* ``fused``: the fused op (``edge_impl = "fused"``; C++ kernels on CPU, Triton on GPU).
+* ``fused``: the fused op (``edge_impl = "fused"``; C++ kernels on CPU, Triton on GPU);
+* ``fused-dense``: the fused op with its ``dense`` backend (batched matrix products over
+  crystals padded to the largest; cuBLAS on a GPU);
+* ``...+cuda_graph`` (GPU only): the whole training step captured once in a CUDA graph
+  for the fixed batch and replayed, which removes every host-side cost. ``dao train``
+  does not capture (its batches change layout): these rows show how much of a step is
+  launch overhead, not the speed of ``dao train``.
 
 Models: the shipped size (4 layers, 128, 4 heads, K = 32) and the paper size (12,
 384, 8, 128). Batches: real crystals, the first B of ``mp_20_pilot/val`` (<= 20
@@ -67,7 +73,16 @@ WORKLOADS = {
 # On a GPU the CPU batches would only measure kernel-launch overhead: batches the size
 # of a training batch per GPU instead (the paper trains with 1,024 over 3 GPUs).
 GPU_CRYSTALS = {"mp20": (256, 256), "mpts52": (64, 64)}
-PROVIDERS = ("reference", "reference+compile", "factorized", "fused")
+PROVIDERS = (
+    "reference",
+    "reference+compile",
+    "factorized",
+    "fused",
+    "fused-dense",
+    "reference+cuda_graph",
+    "factorized+cuda_graph",
+    "fused-dense+cuda_graph",
+)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -128,7 +143,9 @@ def make_diffusion(size: str, provider: str, device: str = "cpu"):
 
     torch.manual_seed(0)
     diff = build_diffusion({"model": {"model": "crysformer", **SIZES[size]}}).to(device)
-    diff.model.edge_impl = "naive" if provider.startswith("reference") else provider
+    path, _, backend = provider.partition("+")[0].partition("-")
+    diff.model.edge_impl = "naive" if provider.startswith("reference") else path
+    diff.model.edge_backend = backend or "auto"
     if provider == "reference+compile":
         diff.model = torch.compile(diff.model, dynamic=False)
     return diff
@@ -149,11 +166,65 @@ def peak_cuda_growth(fn) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def measure_captured(diff, batch, repeats: int) -> dict:
+    """A whole training step (forward, backward, Adam) captured once in a CUDA graph
+    for this fixed batch, then replayed: the step without any host-side cost.
+
+    What a static-shape training loop could run; ``dao train`` feeds batches of varying
+    layout and does not capture, so these rows bound what launch overhead costs and are
+    not the speed of ``dao train``."""
+    opt = torch.optim.Adam(diff.parameters(), lr=1e-4, fused=True, capturable=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def step():
+        loss = diff.loss(batch, gen)["loss"]
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    with static_batch():  # layout memo filled in the warm-up, read during the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(gen)
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.cuda.graph(graph):
+            step()
+    torch.cuda.synchronize()
+    # what the step allocates lives in the graph's pool, allocated during the capture
+    mem = torch.cuda.max_memory_allocated() - base
+    warm = time.perf_counter() - t0
+    full = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        full.append(time.perf_counter() - t0)
+    nan = float("nan")
+    return {
+        "forward_ms": nan,
+        "backward_ms": nan,
+        "train_step_ms": 1e3 * statistics.median(full[1:]),
+        "peak_mem_mb": mem / 1e6,
+        "warmup_s": warm,
+    }
+
+
 def measure(size: str, wl: str, provider: str, batch, repeats: int, device: str = "cpu") -> dict:
     diff = make_diffusion(size, provider, device)
-    if provider == "fused" and device == "cuda":
-        diff.model.edge_impl = "fused"  # the Triton kernels (auto takes factorized on GPU)
     batch = batch.to(device)
+    if provider.endswith("+cuda_graph"):
+        if device != "cuda":
+            raise ValueError(f"provider {provider} needs --device cuda")
+        return measure_captured(diff, batch, repeats)
     opt = make_optimizer(diff.parameters(), "adam", lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
 

@@ -6,7 +6,10 @@ Providers (same weights, same compositions, same generator, side by side in one 
   twins of the diffusion steps (``step_backend = "torch"``);
 * ``factorized``: the earlier pure-PyTorch fast attention, fused steps (informational);
 * ``fused``: the fused edge-attention op and the fused steps (the defaults);
-* ``fused+cuda_graph``: the fused path captured in a CUDA graph (GPU only);
+* ``fused-dense``: the fused op with its ``dense`` backend (batched matrix products over
+  padded crystals; on CPU the default is the C++ kernel, on GPU the Triton kernel);
+* ``fused+cuda_graph``, ``fused-dense+cuda_graph``: the fused paths captured in a CUDA
+  graph (GPU only);
 * ``factorized+cuda_graph``: the factorized path captured in a CUDA graph (GPU only).
 
 Models: the shipped weights (4 layers, 128, K = 32) and a randomly initialised
@@ -47,7 +50,15 @@ WORKLOADS = {
     "mpts52": ("mpts_52/val.csv.gz", 25, 4),
 }
 GPU_CRYSTALS = {"mp20": (1000, 256), "mpts52": (256, 64)}
-PROVIDERS = ("reference", "factorized", "fused", "fused+cuda_graph", "factorized+cuda_graph")
+PROVIDERS = (
+    "reference",
+    "factorized",
+    "fused",
+    "fused-dense",
+    "fused+cuda_graph",
+    "fused-dense+cuda_graph",
+    "factorized+cuda_graph",
+)
 
 
 class _Stop(Exception):
@@ -76,7 +87,9 @@ def make_diffusion(model: str, device: str):
 
 def seconds_per_step(diff, types, nums, provider: str, steps: int, device: str) -> float:
     path, _, graph = provider.partition("+")
+    path, _, backend = path.partition("-")
     diff.model.edge_impl = {"reference": "naive"}.get(path, path)
+    diff.model.edge_backend = backend or "auto"
     kwargs = {"step_backend": "torch"} if provider == "reference" else {}
     if graph:
         kwargs["cuda_graph"] = True
@@ -139,7 +152,7 @@ def main(argv=None) -> None:
                     (f"{p} (fwd heads {h})", p, h)
                     for h in args.fwd_heads
                     for p in args.providers
-                    if p.startswith("fused")
+                    if p.partition("+")[0] == "fused"  # the split is Triton's
                 ]
                 for label, provider, heads in variants:
                     if provider.endswith("+cuda_graph") and args.device != "cuda":

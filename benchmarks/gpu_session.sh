@@ -5,11 +5,13 @@
 #
 # Steps, in order of value, each cut to what is left of the SECONDS budget (default
 # 540): build and install the package with the CUDA sources; the GPU tests (the
-# Triton kernels compiled on CUDA against their float64 twins, the CUDA neighbour
-# list, CUDA-graph sampling); the training-step benchmark (reference / factorized /
-# fused, paper and shipped sizes, MP-20 and MPTS-52 batches); the sampling benchmark
-# (with the CUDA-graph provider); a 30-second `dao train` on the GPU (bf16 autocast);
-# and, if time is left, the torch.compile reference row at MPTS-52 size.
+# Triton kernels and the dense backend compiled on CUDA against their float64 twins,
+# the CUDA neighbour list, CUDA-graph sampling); the training-step benchmark
+# (reference / factorized / fused (Triton) / fused-dense, eager and with the step
+# captured in a CUDA graph, paper and shipped sizes, MP-20 and MPTS-52 batches); the
+# sampling benchmark (with the CUDA-graph providers); a torch.profiler summary of one
+# training step per provider (profile.txt); a 30-second `dao train` on the GPU (bf16
+# autocast); and, if time is left, the torch.compile reference row at MPTS-52 size.
 # CSVs, steps.log and tests.xml go to $OUT (default benchmarks/results/gpu), every
 # step's full log into $OUT/logs.tgz (few files: a lease returns at most eight).
 # STEPS="build tests ..." runs a subset; TESTS="..." replaces the test selection.
@@ -21,7 +23,7 @@ BUDGET=${1:-540}
 START=$(date +%s)
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT/logs"
-STEPS=${STEPS:-"build tests bench_train bench_sampling train_smoke bench_compile"}
+STEPS=${STEPS:-"build tests bench_train bench_sampling profile train_smoke bench_compile"}
 want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -54,23 +56,29 @@ fi
 } >"$OUT/logs/env.log" 2>&1
 cat "$OUT/logs/env.log"
 
-step build 300 env DAO_ENABLE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+# DAO_ENABLE_CUDA=OFF skips the CUDA sources (the CUDA neighbour list) to save build time.
+step build 300 env DAO_ENABLE_CUDA="${DAO_ENABLE_CUDA:-ON}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
   CMAKE_ARGS="-DDAO_CUDA_ARCHITECTURES=90" \
   $PY -m pip install --no-build-isolation --no-deps -q .
 $PY -c "import dao._C as c; print('dao._C', c.__file__, 'cuda', c.WITH_CUDA, c.PARALLEL_BACKEND)" | tee -a "$OUT/steps.log"
 
-TESTS=${TESTS:-"tests/ops/test_edge_attention_triton.py tests/ops/test_neighbor_list_triton.py \
+TESTS=${TESTS:-"tests/ops/test_edge_attention_triton.py tests/ops/test_edge_attention_dense.py \
+  tests/ops/test_neighbor_list_triton.py \
   tests/ops/test_diffusion_step.py tests/diffusion/test_fused_sampling.py \
   tests/ops/test_neighbor_list.py::test_gpu_backends_match_cpu"}
 # shellcheck disable=SC2086
 step tests 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" -v --tb=short -rfE \
   --junitxml="$OUT/tests.xml" -k "not fresh_process" $TESTS
 
-step bench_train 150 $PY benchmarks/bench_edge_attention.py --device cuda --repeats 5 \
-  --providers reference factorized fused --out "$OUT/edge_attention_gpu.csv"
+step bench_train 200 $PY benchmarks/bench_edge_attention.py --device cuda --repeats 5 \
+  --providers reference factorized fused fused-dense reference+cuda_graph factorized+cuda_graph \
+  fused-dense+cuda_graph --out "$OUT/edge_attention_gpu.csv"
 
 step bench_sampling 150 $PY benchmarks/bench_sampling.py --device cuda --steps 12 \
   --fwd-heads 1 2 --out "$OUT/sampling_gpu.csv"
+
+step profile 90 $PY benchmarks/profile_train_step.py --sizes paper shipped --workloads mpts52 \
+  --providers reference factorized fused fused-dense --out "$OUT/profile.txt"
 
 step train_smoke 75 $PY -m dao.cli train configs/daog_mp20_small.toml -o /tmp/dao_gpu_run \
   --max-minutes 0.5 -q

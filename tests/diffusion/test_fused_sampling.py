@@ -471,7 +471,13 @@ def test_graph_fallbacks_and_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "model, impl", [("crysformer", "fused"), ("crysformer", "factorized"), ("cspnet", None)]
+    "model, impl",
+    [
+        ("crysformer", "fused"),
+        ("crysformer", "fused-dense"),
+        ("crysformer", "factorized"),
+        ("cspnet", None),
+    ],
 )
 def test_graph_captures_the_real_models(model, impl):
     # The models build edge lists, slot layouts and kernel tile schedules with host
@@ -484,7 +490,8 @@ def test_graph_captures_the_real_models(model, impl):
     diff = build_diffusion({"model": {"model": model, **size}, "diffusion": {"timesteps": 12}})
     diff = diff.cuda().eval()
     if impl is not None:
-        diff.model.edge_impl = impl
+        diff.model.edge_impl, _, backend = impl.partition("-")
+        diff.model.edge_backend = backend or "auto"
     crystals = _crystals([3, 1, 7, 20, 2], seed=15, dtype=torch.float32)
     runs = {}
     for mode in (False, True):

@@ -189,10 +189,11 @@ class CrysformerLayer(nn.Module):
         return self.out_proj(out)
 
     def attention_fused(
-        self, x: Tensor, frac_coords: Tensor, lattice: Tensor, batch: Tensor
+        self, x: Tensor, frac_coords: Tensor, lattice: Tensor, batch: Tensor, backend: str = "auto"
     ) -> Tensor:
         """Fast attention through the fused op :func:`dao.ops.edge_attention.edge_attention`
-        (no per-edge tensor in memory, in the forward or the backward)."""
+        (no per-edge tensor in memory, in the forward or the backward) with the op's
+        ``backend``."""
         hn = self.attn_norm(x)
         q = self.q_proj(hn)
         # k and v from the two row blocks of kv_proj: contiguous, so the op copies neither.
@@ -214,6 +215,7 @@ class CrysformerLayer(nn.Module):
             self.num_freqs,
             self.edge_norm.eps,
             folded=self.folded_edge_projection(),
+            backend=backend,
         )
         return self.out_proj(out)
 
@@ -307,6 +309,9 @@ class Crysformer(nn.Module):
         #: Fast-path variant (same result, different speed): "auto", "fused",
         #: "factorized" or "projected".
         self.edge_impl = "auto"
+        #: Backend of the fused op when ``edge_impl`` is "fused" (see
+        #: :mod:`dao.ops.edge_attention`): "auto", "cpp", "dense", "triton" or "torch".
+        self.edge_backend = "auto"
 
     def _embed_nodes(self, atom_types: Tensor, t: Tensor, batch: Tensor) -> Tensor:
         feats = self.atom_features[atom_types]
@@ -378,7 +383,9 @@ class Crysformer(nn.Module):
             edges = fully_connected_edges(batch, lattice.shape[0])
         if impl == "fused":
             for layer in self.layers:
-                x = layer.finish(x, layer.attention_fused(x, frac_coords, lattice, batch))
+                x = layer.finish(
+                    x, layer.attention_fused(x, frac_coords, lattice, batch, self.edge_backend)
+                )
         elif impl == "naive":
             for layer in self.layers:
                 # The reference does all edge work per layer, features included.

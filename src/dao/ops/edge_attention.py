@@ -49,11 +49,12 @@ from torch import Tensor
 
 from dao._ext import has_triton, load_core, num_threads
 from dao._graph import lattice_gram, memoized
+from dao.ops import _edge_attention_dense as _dense
 from dao.reference import edge_attention as _ref
 
 __all__ = ["BACKENDS", "edge_attention", "edge_attention_core", "fold_edge_projection"]
 
-BACKENDS = ("auto", "cpp", "triton", "torch")
+BACKENDS = ("auto", "cpp", "dense", "triton", "torch")
 _DTYPE_CODE = {torch.float32: 0, torch.float64: 1}
 
 
@@ -140,12 +141,14 @@ def _cpp_backward(grad_o, grad_y, q, k, v, u, frac, gram, ptr, o, lse, num_freqs
 
 
 def _torch_backward(grad_o, grad_y, q, k, v, u, frac, gram, batch, num_freqs, eps):
-    ins = [t.detach().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
-    with torch.enable_grad():
-        o, y, _ = _ref.edge_attention_core(*ins, batch, num_freqs, eps)
-        grads = torch.autograd.grad((o, y), ins, (grad_o, grad_y), allow_unused=True)
-    grads = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(ins, grads, strict=True))
-    return (*grads, y.detach())
+    """The reference differentiated: ``torch.func.vjp``, not ``torch.autograd.grad``,
+    since inside a custom op's implementation the autograd dispatch keys are excluded
+    and nothing would be recorded to differentiate."""
+    (_, y), pullback = torch.func.vjp(
+        lambda *xs: _ref.edge_attention_core(*xs, batch, num_freqs, eps)[:2],
+        q, k, v, u, frac, gram,
+    )  # fmt: skip
+    return (*pullback((grad_o, grad_y)), y)
 
 
 # ------------------------------------------------------------------ the op
@@ -171,6 +174,8 @@ def _core_op(
         from dao.kernels.edge_attention import edge_attention_core_forward  # noqa: PLC0415
 
         return edge_attention_core_forward(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps)
+    if backend == "dense":
+        return _dense.dense_forward(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps)
     with torch.no_grad():
         o, y, lse = _ref.edge_attention_core(q, k, v, u, frac, gram, batch, num_freqs, eps)
     return o, y, lse.to(_lse_dtype(q.dtype))
@@ -220,6 +225,10 @@ def _core_backward_op(
             grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, o, y, lse, num_freqs, eps
         )
         return (*grads, y)
+    if backend == "dense":
+        return _dense.dense_backward(
+            grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, num_freqs, eps
+        )
     return _torch_backward(grad_o, grad_y, q, k, v, u, frac, gram, batch, num_freqs, eps)
 
 

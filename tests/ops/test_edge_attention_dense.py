@@ -1,0 +1,204 @@
+"""The ``dense`` backend of the fused edge attention (batched products over padded
+crystals, hand-written backward) against the float64 reference, on CPU and, where
+there is one, on a GPU. Also the ``torch`` backend's backward (a regression: it used
+``torch.autograd.grad`` inside the op, where nothing is recorded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import TOLERANCES, assert_close
+from ops.test_edge_attention import SIZES, _batch
+
+from dao._graph import static_batch
+from dao.ops import _edge_attention_dense as dense
+from dao.ops.edge_attention import _crystal_ptr, edge_attention, edge_attention_core
+from dao.reference import edge_attention as ref
+
+NAMES = ("q", "k", "v", "u", "frac", "gram")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _compare(sizes, dtype, shape, backend, device="cpu", seed=None):
+    heads, d, num_freqs = shape
+    q, k, v, u, frac, gram, batch, _ = _batch(sizes, heads, d, num_freqs, seed=seed or len(sizes))
+    # the reference sees the inputs rounded to the dtype under test
+    ins = [t.to(dtype).double().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+    o_ref, y_ref, lse_ref = ref.edge_attention_core(*ins, batch, num_freqs)
+    g = torch.Generator().manual_seed(1)
+    go = torch.randn(o_ref.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    gy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    grads_ref = torch.autograd.grad((o_ref, y_ref), ins, (go, gy))
+
+    low = [t.detach().to(device, dtype).requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+    o, y, lse = edge_attention_core(*low, batch.to(device), num_freqs, backend=backend)
+    assert o.dtype == y.dtype == dtype
+    assert lse.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    for a, b in ((o, o_ref), (y, y_ref), (lse, lse_ref)):
+        assert_close(a.cpu(), b.detach(), dtype)
+    grads = torch.autograd.grad((o, y), low, (go.to(device, dtype), gy.to(device, dtype)))
+    tol = TOLERANCES[dtype]
+    for name, a, b in zip(NAMES, grads, grads_ref, strict=True):
+        # frac gradients carry factors 2πk: compare them relative to their scale
+        scale = max(1.0, float(b.abs().max())) if name == "frac" else 1.0
+        torch.testing.assert_close(
+            a.cpu().double() / scale, b / scale, atol=tol["atol"], rtol=tol["rtol"], msg=name
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sizes", SIZES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 3), (1, 4, 1), (3, 2, 5)], ids=str)
+def test_dense_matches_reference(sizes, dtype, shape, device):
+    _compare(sizes, dtype, shape, "dense", device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_bfloat16_within_its_row(device):
+    """16-bit inputs are computed in float32 and rounded once: within the bf16 row."""
+    _compare([5, 3, 7], torch.bfloat16, (2, 4, 3), "dense", device)
+
+
+def test_torch_backend_backward_matches_reference():
+    _compare([3, 1, 5], torch.float64, (2, 3, 3), "torch")
+    _compare([4, 2], torch.float32, (1, 4, 2), "torch")
+
+
+def test_hand_backward_equals_autograd_of_the_forward():
+    """The hand-written backward against autograd through ``dense_core`` itself (same
+    arithmetic, so to rounding), y included."""
+    q, k, v, u, frac, gram, batch, _ = _batch([6, 0, 2, 9], 3, 2, 4, seed=3)
+    ptr = _crystal_ptr(batch, gram.shape[0])
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+    o, y, _ = dense.dense_core(*ins, batch, ptr, 4, 1e-5)
+    g = torch.Generator().manual_seed(2)
+    go = torch.randn(o.shape, generator=g, dtype=o.dtype)
+    gy = torch.randn(y.shape, generator=g, dtype=y.dtype)
+    auto = torch.autograd.grad((o, y), ins, (go, gy))
+    *hand, y_hand = dense.dense_backward(go, gy, q, k, v, u, frac, gram, batch, ptr, 4, 1e-5)
+    assert_close(y_hand, y.detach())
+    for name, a, b in zip(NAMES, hand, auto, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-10, msg=name)
+
+
+def test_gradcheck():
+    q, k, v, u, frac, gram, batch, _ = _batch([3, 2, 1], 2, 2, 2, seed=4)
+    xs = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+
+    def fn(*xs):
+        o, y, _ = edge_attention_core(*xs, batch, 2, backend="dense")
+        return o, y
+
+    assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_opcheck():
+    q, k, v, u, frac, gram, batch, _ = _batch([3, 2], seed=11)
+    ptr = torch.tensor([0, 3, 5])
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+    torch.library.opcheck(
+        torch.ops.dao.edge_attention_core.default, (*ins, batch, ptr, 3, 1e-5, "dense")
+    )
+    o, y, lse = torch.ops.dao.edge_attention_core(*ins, batch, ptr, 3, 1e-5, "dense")
+    args = (torch.ones_like(o), torch.ones_like(y), q, k, v, u, frac, gram, batch, ptr)
+    torch.library.opcheck(
+        torch.ops.dao.edge_attention_core_backward.default,
+        (*args, o.detach(), lse, 3, 1e-5, "dense"),
+    )
+
+
+def test_torch_compile_forward_and_backward():
+    q, k, v, u, frac, gram, batch, _ = _batch([4, 2, 3], seed=12)
+
+    def loss(q, k, v, u, frac, gram):
+        o, y, _ = edge_attention_core(q, k, v, u, frac, gram, batch, 3, backend="dense")
+        return o.square().sum() + (y * y.detach()).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    xs = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+    ys = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+    eager, comp = loss(*xs), compiled(*ys)
+    assert_close(comp, eager.detach())
+    for a, b in zip(torch.autograd.grad(comp, ys), torch.autograd.grad(eager, xs), strict=True):
+        assert_close(a, b)
+
+
+def test_empty_input():
+    q, k, v, u, frac, gram, batch, _ = _batch([0, 0])
+    xs = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
+    o, y, lse = edge_attention_core(*xs, batch, 3, backend="dense")
+    assert o.shape == (0, 2, 3) and y.shape == (0, 2, 27) and lse.shape == (0, 2)
+    grads = torch.autograd.grad((o.sum() + y.sum()), xs)
+    assert all(g.shape == x.shape and not g.any() for g, x in zip(grads, xs, strict=True))
+
+
+def test_layout_is_built_once_inside_static_batch(monkeypatch):
+    """The padded layout (one host read of the largest crystal) is memoized per batch
+    inside static_batch, so a sampler step or training step does no host sync for it."""
+    q, k, v, u, frac, gram, batch, _ = _batch([4, 1, 6])
+    calls = []
+    real = dense._dense_layout
+    monkeypatch.setattr(dense, "_dense_layout", lambda *a: calls.append(1) or real(*a))
+    with static_batch():
+        for _ in range(3):
+            edge_attention_core(q, k, v, u, frac, gram, batch, 3, backend="dense")
+    assert len(calls) == 1
+    lay = real(batch, _crystal_ptr(batch, 3))
+    assert lay.width == 6
+    assert lay.valid.sum() == 11 and lay.gather[lay.pos].tolist() == list(range(11))
+
+
+def test_model_with_dense_backend_matches_naive():
+    """A Crysformer on the fused path with the dense backend equals the naive path
+    (forward and every parameter gradient)."""
+    from dao.models.config import CrysformerConfig  # noqa: PLC0415
+    from dao.models.crysformer import Crysformer  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    cfg = CrysformerConfig(num_layers=2, hidden=16, heads=2, num_freqs=4)
+    model = Crysformer(cfg).double()
+    g = torch.Generator().manual_seed(5)
+    nums = torch.tensor([3, 5, 1])
+    batch = torch.repeat_interleave(torch.arange(3), nums)
+    types = torch.randint(1, 90, (9,), generator=g)
+    frac = torch.rand(9, 3, generator=g, dtype=torch.float64)
+    lattice = 3 * torch.eye(3, dtype=torch.float64) + torch.rand(3, 3, 3, generator=g).double()
+    t = torch.tensor([5, 300, 999])
+    outs = []
+    for impl, backend in (("naive", "auto"), ("fused", "dense")):
+        model.edge_impl, model.edge_backend = impl, backend
+        model.zero_grad()
+        out = model(types, frac, lattice, t, batch, naive=impl == "naive")
+        (out.coord.square().sum() + out.lattice.square().sum()).backward()
+        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = outs
+    assert_close(b.coord, a.coord.detach())
+    assert_close(b.lattice, a.lattice.detach())
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-9, rtol=1e-9, msg=name)
+
+
+def test_full_op_with_dense_backend_matches_naive_reference():
+    heads, d, num_freqs = 2, 4, 3
+    dim = 6 * num_freqs + 9
+    q, k, v, _, frac, _, batch, lattice = _batch([4, 1, 3], heads, d, num_freqs, seed=5)
+    g = torch.Generator().manual_seed(6)
+    h = heads * d
+    params = [
+        0.3 * torch.randn(h, dim, generator=g, dtype=torch.float64),
+        torch.randn(h, generator=g, dtype=torch.float64),
+        1 + 0.2 * torch.randn(dim, generator=g, dtype=torch.float64),
+        0.2 * torch.randn(dim, generator=g, dtype=torch.float64),
+    ]
+    args = [t.reshape(-1, h) for t in (q, k, v)] + [frac, lattice]
+    outs, grads = [], []
+    for fn, kw in ((ref.edge_attention, {}), (edge_attention, {"backend": "dense"})):
+        xs = [t.clone().requires_grad_(True) for t in args + params]
+        out = fn(*xs[:5], batch, *xs[5:], heads, num_freqs, **kw)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), xs))
+    assert_close(outs[1], outs[0].detach())
+    for a, b in zip(grads[1], grads[0], strict=True):
+        assert_close(a, b)
