@@ -9,6 +9,8 @@ Providers (same model, same weights, same batch, side by side in one run):
 * ``fused``: the fused op (``edge_impl = "fused"``; C++ kernels on CPU, Triton on GPU);
 * ``fused-dense``: the fused op with its ``dense`` backend (batched matrix products over
   crystals padded to the largest; cuBLAS on a GPU);
+* ``fused-dense+compile``: the fused-dense model under ``torch.compile`` (the op stays
+  opaque; inductor fuses the rest of each layer);
 * ``...+cuda_graph`` (GPU only): the whole training step captured once in a CUDA graph
   for the fixed batch and replayed, which removes every host-side cost. ``dao train``
   does not capture (its batches change layout): these rows show how much of a step is
@@ -79,8 +81,10 @@ PROVIDERS = (
     "factorized",
     "fused",
     "fused-dense",
+    "fused-dense+compile",
     "reference+cuda_graph",
     "factorized+cuda_graph",
+    "fused+cuda_graph",
     "fused-dense+cuda_graph",
 )
 
@@ -146,7 +150,7 @@ def make_diffusion(size: str, provider: str, device: str = "cpu"):
     path, _, backend = provider.partition("+")[0].partition("-")
     diff.model.edge_impl = "naive" if provider.startswith("reference") else path
     diff.model.edge_backend = backend or "auto"
-    if provider == "reference+compile":
+    if provider.endswith("+compile"):
         diff.model = torch.compile(diff.model, dynamic=False)
     return diff
 

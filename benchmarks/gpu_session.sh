@@ -70,15 +70,15 @@ TESTS=${TESTS:-"tests/ops/test_edge_attention_triton.py tests/ops/test_edge_atte
 step tests 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" -v --tb=short -rfE \
   --junitxml="$OUT/tests.xml" -k "not fresh_process" $TESTS
 
-step bench_train 200 $PY benchmarks/bench_edge_attention.py --device cuda --repeats 5 \
+step bench_train 240 $PY benchmarks/bench_edge_attention.py --device cuda --repeats 5 \
   --providers reference factorized fused fused-dense reference+cuda_graph factorized+cuda_graph \
-  fused-dense+cuda_graph --out "$OUT/edge_attention_gpu.csv"
+  fused+cuda_graph fused-dense+cuda_graph fused-dense+compile --out "$OUT/edge_attention_gpu.csv"
 
 step bench_sampling 150 $PY benchmarks/bench_sampling.py --device cuda --steps 12 \
-  --fwd-heads 1 2 --out "$OUT/sampling_gpu.csv"
+  --fwd-heads 1 --out "$OUT/sampling_gpu.csv"
 
 step profile 90 $PY benchmarks/profile_train_step.py --sizes paper shipped --workloads mpts52 \
-  --providers reference factorized fused fused-dense --out "$OUT/profile.txt"
+  --providers ${PROFILE_PROVIDERS:-reference factorized fused fused-dense} --out "$OUT/profile.txt"
 
 step train_smoke 75 $PY -m dao.cli train configs/daog_mp20_small.toml -o /tmp/dao_gpu_run \
   --max-minutes 0.5 -q

@@ -54,7 +54,9 @@ def profile(size: str, wl: str, provider: str, device: str, steps: int) -> str:
         wall = (time.perf_counter() - t0) / steps
     events = prof.key_averages()
     top_level = sum(1 for e in prof.events() if e.cpu_parent is None) / steps
-    gpu_us = sum(e.self_device_time_total for e in events) / steps
+    # kernels only (operator rows repeat their kernels' time)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time_total for e in kernels) / steps
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     head = (
         f"== {size} {wl} {provider}: step {1e3 * wall:.2f} ms wall (profiled), "

@@ -99,3 +99,13 @@ def test_disordered_structure_rejected():
     s = Structure(Lattice.cubic(3.0), [{"Fe": 0.5, "Ni": 0.5}], [[0, 0, 0]])
     with pytest.raises(ValueError, match="disordered"):
         CrystalBatch.from_structures([s])
+
+
+def test_to_converts_and_is_a_no_op_when_nothing_changes():
+    b = CrystalBatch.from_structures(_structures())
+    assert b.to(torch.float64) is b  # same dtype and device: the batch itself
+    assert b.to("cpu", dtype=torch.float64) is b
+    c = b.to(torch.float32)
+    assert c is not b and c.frac_coords.dtype == c.lattice.dtype == torch.float32
+    assert torch.equal(c.batch, b.batch) and c.atom_types.dtype == torch.int64
+    torch.testing.assert_close(c.frac_coords.double(), b.frac_coords, atol=1e-6, rtol=0)

@@ -5,6 +5,7 @@ there is one, on a GPU. Also the ``torch`` backend's backward (a regression: it 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import TOLERANCES, assert_close
@@ -135,7 +136,7 @@ def test_empty_input():
 
 
 def test_layout_is_built_once_inside_static_batch(monkeypatch):
-    """The padded layout (one host read of the largest crystal) is memoized per batch
+    """The padded layout (one host read of the crystal sizes) is memoized per batch
     inside static_batch, so a sampler step or training step does no host sync for it."""
     q, k, v, u, frac, gram, batch, _ = _batch([4, 1, 6])
     calls = []
@@ -145,9 +146,46 @@ def test_layout_is_built_once_inside_static_batch(monkeypatch):
         for _ in range(3):
             edge_attention_core(q, k, v, u, frac, gram, batch, 3, backend="dense")
     assert len(calls) == 1
-    lay = real(batch, _crystal_ptr(batch, 3))
-    assert lay.width == 6
-    assert lay.valid.sum() == 11 and lay.gather[lay.pos].tolist() == list(range(11))
+
+
+def test_layout_groups_crystals_by_size():
+    sizes = [20, 1, 12, 1, 12, 1, 12, 1, 0, 12, 12, 1, 1, 1]
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    lay = dense._dense_layout(batch, _crystal_ptr(batch, len(sizes)))
+    # three groups (0-1, 12 and 20 atoms), crystals sorted by size, stable
+    assert [(g.width, g.count, g.first) for g in lay.groups] == [(1, 8, 0), (12, 5, 8), (20, 1, 13)]
+    assert lay.crystals.tolist() == [8, 1, 3, 5, 7, 11, 12, 13, 2, 4, 6, 9, 10, 0]
+    assert lay.valid.numel() == 8 * 1 + 5 * 12 + 1 * 20
+    # every atom has its own slot, and the slot maps back to it
+    n = sum(sizes)
+    assert lay.valid.sum() == n and lay.gather[lay.pos].tolist() == list(range(n))
+    assert len(set(lay.pos.tolist())) == n
+
+
+@pytest.mark.parametrize(
+    "sizes, groups",
+    [
+        ([5, 5, 5], 1),
+        ([20] * 4 + [2] * 12, 2),
+        ([1] * 10 + [8] * 10 + [30] * 10, 2),  # a third group would save 6 %: not worth it
+        ([1] * 10 + [12] * 10 + [20] * 2, 3),
+        ([], 0),
+    ],
+)
+def test_split_by_size_adds_groups_only_where_they_pay(sizes, groups):
+    runs = dense.split_by_size(np.sort(np.array(sizes, dtype=np.int64)))
+    assert len(runs) == groups
+    assert [a for a, _ in runs] == sorted({a for a, _ in runs})  # contiguous, in order
+    if runs:
+        assert runs[0][0] == 0 and runs[-1][1] == len(sizes)
+        assert all(b == c for (_, b), (c, _) in zip(runs, runs[1:], strict=False))
+
+
+def test_three_groups_match_reference():
+    sizes = [20, 1, 12, 1, 12, 1, 12, 1, 0, 12, 12, 1, 1, 1]
+    assert len(dense.split_by_size(np.sort(np.array(sizes)))) == 3
+    _compare(sizes, torch.float64, (2, 3, 3), "dense", seed=9)
+    _compare(sizes[::-1], torch.float32, (2, 3, 3), "dense", seed=10)
 
 
 def test_model_with_dense_backend_matches_naive():

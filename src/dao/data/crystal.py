@@ -121,6 +121,10 @@ class CrystalBatch:
         lat = self.lattice.to(*args, **kwargs)
         frac = self.frac_coords.to(*args, **kwargs)
         dev = lat.device
+        if lat is self.lattice and frac is self.frac_coords and self.num_atoms.device == dev:
+            # nothing to convert: no copy, no second validation (whose value checks read
+            # the device, which a training step captured in a CUDA graph cannot do)
+            return self
         return CrystalBatch(self.atom_types.to(dev), frac, lat, self.num_atoms.to(dev))
 
     def __getitem__(self, idx: int) -> CrystalBatch:
