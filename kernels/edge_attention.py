@@ -736,17 +736,21 @@ def _tile_schedule(ptr: torch.Tensor, block: int):
 
 
 #: Environment variable: heads per program of the forward kernel (a power of two; default
-#: all heads in one program). Fewer heads per program give the GPU more programs (the
-#: grid is tiles x head groups) at the price of recomputing each tile's head-independent
-#: LayerNorm sums per group; the backward kernels always take all heads.
+#: 1, a value >= H puts all heads in one program). Fewer heads per program give the GPU
+#: more programs (the grid is tiles x head groups) at the price of recomputing each
+#: tile's head-independent LayerNorm sums per group; the backward kernels always take
+#: all heads. Measured on an H200 (CUDA-graph sampling, two leases): one head per
+#: program was 12-18 % faster than all eight at the paper size, 4 % at the shipped size
+#: on MPTS-52 batches and even on MP-20 (benchmarks/results/sampling_gpu.csv).
 FWD_HEADS_ENV = "DAO_TRITON_FWD_HEADS"
+FWD_HEADS_DEFAULT = 1
 
 
 def _forward_heads_per_program(heads: int) -> int:
     every = triton.next_power_of_2(heads)
     env = os.environ.get(FWD_HEADS_ENV)
     if not env:
-        return every
+        return min(every, FWD_HEADS_DEFAULT)
     want = int(env) if env.strip().isdigit() else 0
     if want < 1 or want & (want - 1):
         raise ValueError(f"{FWD_HEADS_ENV} must be a power of two >= 1, got {env!r}")

@@ -34,7 +34,19 @@ __all__ = [
 
 
 # ------------------------------------------------------- static batch memo
-_LOCAL = threading.local()
+class _Memo:
+    """The process-wide memo of :func:`static_batch`: not thread-local, because the
+    autograd engine runs a CUDA backward on its own worker thread, and the backward of
+    the fused op reads the same layouts as its forward (with a thread-local memo every
+    backward on a GPU rebuilt them, a host sync per layer, and a training step could
+    not be captured in a CUDA graph)."""
+
+    lock = threading.Lock()
+    depth = 0
+    memo: dict | None = None
+
+
+_STATE = _Memo()
 
 
 @contextlib.contextmanager
@@ -48,22 +60,26 @@ def static_batch() -> Iterator[None]:
     graph. Values are keyed by the tensor's storage, version, shape, dtype and device
     (and the extra arguments), so a layout tensor changed in place is recomputed;
     the memo is dropped when the outermost ``static_batch`` exits. Not used while
-    torch.compile traces.
+    torch.compile traces. One memo per process (shared with the autograd engine's
+    worker threads), dropped when the last open ``static_batch`` exits.
     """
-    outer = getattr(_LOCAL, "memo", None)
-    if outer is None:
-        _LOCAL.memo = {}
+    with _STATE.lock:
+        if _STATE.depth == 0:
+            _STATE.memo = {}
+        _STATE.depth += 1
     try:
         yield
     finally:
-        if outer is None:
-            _LOCAL.memo = None
+        with _STATE.lock:
+            _STATE.depth -= 1
+            if _STATE.depth == 0:
+                _STATE.memo = None
 
 
 def memoized(name: str, tensor: Tensor, fn: Callable, *args):
     """``fn(tensor, *args)``, computed once per (name, tensor, args) inside
     :func:`static_batch` (every call outside it)."""
-    memo = getattr(_LOCAL, "memo", None)
+    memo = _STATE.memo
     if memo is None or torch.compiler.is_compiling():
         return fn(tensor, *args)
     version = -1 if tensor.is_inference() else tensor._version  # inference tensors have none

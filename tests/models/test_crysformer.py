@@ -407,3 +407,17 @@ def test_paper_parameter_count(table):
     assert layer == 2_077_074
     energy = Crysformer(CrysformerConfig(num_layers=0, energy_head=True), table)
     assert sum(p.numel() for p in energy.heads.energy.parameters()) == 148_225
+
+
+def test_auto_edge_impl_rule():
+    """ "auto": fused on CPU; on a GPU fused without gradients (sampling) and factorized
+    for training; factorized whenever a custom edge list is given."""
+    from dao.models.crysformer import _auto_impl  # noqa: PLC0415
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    edges = torch.zeros(2, 1, dtype=torch.int64)
+    assert _auto_impl(cpu, None) == "fused" and _auto_impl(gpu, None) == "factorized"
+    assert _auto_impl(cpu, edges) == _auto_impl(gpu, edges) == "factorized"
+    with torch.no_grad():
+        assert _auto_impl(gpu, None) == "fused" and _auto_impl(cpu, None) == "fused"
+        assert _auto_impl(gpu, edges) == "factorized"

@@ -74,3 +74,47 @@ def test_sampling_builds_the_layout_once(monkeypatch):
     diff.model(torch.tensor([3, 8]), torch.rand(2, 3), torch.eye(3)[None], torch.tensor([5]),
                torch.tensor([0, 0]))  # fmt: skip
     assert counts == {"edges": 1, "pad": 1}  # outside sampling: computed per call
+
+
+def test_memo_is_shared_with_other_threads(monkeypatch):
+    """On a GPU the autograd engine runs the backward on its own thread: the fused op's
+    backward must find the layouts its forward memoized (a thread-local memo missed
+    them: a host sync per layer, and no CUDA-graph capture of a training step)."""
+    import threading  # noqa: PLC0415
+
+    calls = []
+
+    def fn(t):
+        calls.append(1)
+        return t + 1
+
+    batch = torch.tensor([0, 0, 1])
+    seen = []
+    with static_batch():
+        first = memoized("probe", batch, fn)
+        worker = threading.Thread(target=lambda: seen.append(memoized("probe", batch, fn)))
+        worker.start()
+        worker.join()
+    assert seen[0] is first and len(calls) == 1
+    # and a backward through the fused op reads the memo its forward filled
+    from dao.ops import _edge_attention_dense as dense  # noqa: PLC0415
+    from dao.ops.edge_attention import edge_attention_core  # noqa: PLC0415
+
+    layouts = []
+    real = dense._dense_layout
+
+    def counting(*args):
+        layouts.append(1)
+        return real(*args)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 2, 3, generator=g, requires_grad=True) for _ in range(3))
+    u = torch.randn(5, 2, 15, generator=g, requires_grad=True)
+    frac = torch.rand(5, 3, generator=g, requires_grad=True)
+    gram = (torch.eye(3) * 9).reshape(1, 9).repeat(2, 1).requires_grad_(True)
+    atoms = torch.tensor([0, 0, 0, 1, 1])
+    monkeypatch.setattr(dense, "_dense_layout", counting)
+    with static_batch():
+        o, y, _ = edge_attention_core(q, k, v, u, frac, gram, atoms, 1, backend="dense")
+        (o.sum() + y.sum()).backward()
+    assert len(layouts) == 1

@@ -173,16 +173,22 @@ def test_matches_reference(_triton_mode, dtype, case):
         assert torch.equal(p[name], before[name]), name
 
 
-@pytest.mark.parametrize("per_program", ["1", "2", "4"])
+@pytest.mark.parametrize("per_program", [None, "1", "2", "4"])
 def test_forward_head_groups(_triton_mode, monkeypatch, per_program):
-    # DAO_TRITON_FWD_HEADS splits the forward's heads over a second grid axis: H = 3
-    # (a masked head in the last group of 2) and H = 4; the results of one program for
-    # all heads (up to rounding), and the reference's.
+    # DAO_TRITON_FWD_HEADS splits the forward's heads over a second grid axis (default
+    # one head per program; "8" >= H puts all in one): H = 3 (a masked head in the last
+    # group of 2) and H = 4; the results of one program for all heads (up to rounding),
+    # and the reference's.
+    monkeypatch.delenv(_triton_mode.FWD_HEADS_ENV, raising=False)
+    assert _triton_mode._forward_heads_per_program(8) == 1
     for seed, heads in ((31, 3), (32, 4)):
         p = _problem(seed, [5, 1, 18], 2, heads, 4)
-        monkeypatch.delenv(_triton_mode.FWD_HEADS_ENV, raising=False)
+        monkeypatch.setenv(_triton_mode.FWD_HEADS_ENV, "8")
         whole = _run_kernels(_triton_mode, p, torch.float64)
-        monkeypatch.setenv(_triton_mode.FWD_HEADS_ENV, per_program)
+        if per_program is None:
+            monkeypatch.delenv(_triton_mode.FWD_HEADS_ENV)
+        else:
+            monkeypatch.setenv(_triton_mode.FWD_HEADS_ENV, per_program)
         split = _run_kernels(_triton_mode, p, torch.float64)
         for a, b in zip([*split[0], *split[1]], [*whole[0], *whole[1]], strict=True):
             assert_close(a, b, torch.float64)  # compiled dots may tile rows differently

@@ -11,11 +11,12 @@ second gated residual. Edge embedding: e_ij = Linear(LayerNorm([φ(Δf_ij), L·L
 Three implementations of the same function live here, all on the same parameters:
 
 * ``edge_impl = "fused"`` calls the fused op :func:`dao.ops.edge_attention.edge_attention`
-  per layer: the pair loop runs in a C++ kernel (CPU) or a Triton kernel (GPU) that
-  builds every edge's features on the fly and never stores them, in the forward
-  or the backward. ``"auto"`` (default) takes it on CPU tensors and
-  ``"factorized"`` on GPU tensors: on an H200 the factorized path trained faster
-  than the Triton kernel (which used 1/5 of the memory; BENCHMARKS.md, "On a GPU").
+  per layer: the pair loop runs in a C++ kernel (CPU), a Triton kernel (GPU) or as
+  batched matrix products (``edge_backend = "dense"``), never storing per-edge
+  features, in the forward or the backward. ``"auto"`` (default) takes it on CPU
+  tensors and on GPU tensors without gradients (sampling), and ``"factorized"`` for
+  training on a GPU: on an H200 the factorized path trained faster than the fused
+  backends (which used 1/5 of the memory; BENCHMARKS.md, "On a GPU").
 * the other fast paths share exact rewrites: q, k, v are projected on the N nodes and
   then gathered (never projected on the E edges); φ(Δf) and L·Lᵀ are built once per
   forward; the LayerNorm statistics of the edge features are the same in every
@@ -72,6 +73,19 @@ def crysformer_edge_features(
 ) -> Tensor:
     """Raw edge features [E, 6K + 9] = [φ(Δf_ij), (L·Lᵀ)_flat of the edge's crystal]."""
     return edge_raw_features(frac_coords, lattice_gram(lattice), batch, edges, num_freqs)
+
+
+def _auto_impl(device: torch.device, edges: Tensor | None) -> str:
+    """``edge_impl = "auto"``: the fused op on CPU, and on a GPU without gradients
+    (sampling: with CUDA graphs the Triton forward ran 2-3.6x the factorized path's
+    structures/s at the shipped size on an H200); the factorized path for training on a
+    GPU (it trained faster than both fused backends there, BENCHMARKS.md "On a GPU");
+    the factorized path for a custom edge list (the fused op builds the full graph)."""
+    if edges is not None:
+        return "factorized"
+    if device.type == "cpu" or not torch.is_grad_enabled():
+        return "fused"
+    return "factorized"
 
 
 class CrysformerLayer(nn.Module):
@@ -368,8 +382,7 @@ class Crysformer(nn.Module):
         k = self.config.num_freqs
         impl = "naive" if naive else self.edge_impl
         if impl == "auto":
-            on_cpu = frac_coords.device.type == "cpu"
-            impl = "fused" if on_cpu and edges is None else "factorized"
+            impl = _auto_impl(frac_coords.device, edges)
         if impl == "fused" and edges is not None:
             raise ValueError(
                 "edge_impl 'fused' builds the fully connected graph itself: call the model "

@@ -123,39 +123,48 @@ def _dense_layout(batch: Tensor, ptr: Tensor) -> DenseLayout:
     return DenseLayout(tuple(groups), pos, gather, valid, crystals)
 
 
-def fourier_tables(frac: Tensor, num_freqs: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(sin, cos) of 2πk f for k = 0..K−1 per atom and axis, [N, 3K] (axis-major, as the
-    edge features), the angle k·f reduced mod 1 in float64 before the 2π; differentiable
-    in ``frac``."""
+def fourier_phases(frac: Tensor, num_freqs: int, dtype: torch.dtype) -> Tensor:
+    """e^{2πi k f} for k = 0..K−1 per atom and axis, [N, 3K] complex (axis-major, as the
+    edge features), the angle k·f reduced mod 1 in float64 before the 2π."""
     k = torch.arange(num_freqs, device=frac.device, dtype=torch.float64)
     turns = frac.to(torch.float64).unsqueeze(-1) * k  # [N, 3, K]
-    # Subtracting the integer part changes nothing mathematically (its gradient is 0)
-    # but keeps sin/cos arguments within [0, 2π).
-    angle = (2.0 * math.pi) * (turns - torch.floor(turns).detach())
-    n = frac.shape[0]
-    return angle.sin().to(dtype).reshape(n, -1), angle.cos().to(dtype).reshape(n, -1)
+    angle = (2.0 * math.pi) * (turns - torch.floor(turns))  # within [0, 2π)
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    return torch.polar(torch.ones_like(angle), angle).to(complex_dtype).reshape(frac.shape[0], -1)
 
 
-def _rotate(x: Tensor, sin: Tensor, cos: Tensor, sign: float = 1.0) -> Tensor:
-    """[..., 6K] = [x_s, x_c] rotated by per-atom angles: [x_s·cos + σ x_c·sin,
-    x_c·cos − σ x_s·sin] with σ = ``sign`` (−1 is the inverse rotation); sin and cos
-    [N, 3K] broadcast over the head axis of x [N, H, 6K]."""
-    k3 = sin.shape[-1]
-    s1, c1 = sin.unsqueeze(1), cos.unsqueeze(1)
-    xs, xc = x[..., :k3], x[..., k3:]
-    if sign > 0:
-        return torch.cat([xs * c1 + xc * s1, xc * c1 - xs * s1], dim=-1)
-    return torch.cat([xs * c1 - xc * s1, xc * c1 + xs * s1], dim=-1)
+def _complex(x: Tensor, k3: int) -> Tensor:
+    """[..., 6K] in the features' order [sin block, cos block] -> [..., 3K] complex
+    cos + i·sin (a rotation by e^{iθ} is then one complex product)."""
+    return torch.complex(x[..., k3 : 2 * k3], x[..., :k3])
+
+
+def _split(z: Tensor) -> tuple[Tensor, Tensor]:
+    """[..., 3K] complex -> (sin block, cos block) = (imaginary, real) parts."""
+    return z.imag, z.real
+
+
+def _interleaved(z: Tensor) -> Tensor:
+    """[..., 3K] complex -> [..., 6K] real (cos, sin) pairs: the layout of the padded
+    tables, in which a·t is a plain dot product."""
+    return torch.view_as_real(z).flatten(-2)
+
+
+# Conjugates are taken with conj_physical: a lazy conj() view gave wrong values when the
+# op ran under torch.compile's AOT dispatcher (opcheck's test_aot_dispatch_dynamic).
+
+
+def _from_interleaved(x: Tensor) -> Tensor:
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
 
 
 class _Atoms(NamedTuple):
     """Per-atom inputs of the pair products, padded into the layout's slots [S, ...]."""
 
-    sin: Tensor  # [N, 3K] per-atom tables (unpadded)
-    cos: Tensor
+    phase: Tensor  # [N, 3K] complex e^{iθ} per atom and (axis, k) (unpadded)
     g_atom: Tensor  # [N, 9] gram of each atom's crystal (unpadded)
     a_ext: Tensor  # [S, H + 1, 6K]: u rotated per head, then the rotated ones
-    table: Tensor  # [S, 6K]: [sin, cos]
+    table: Tensor  # [S, 6K]: (cos, sin) pairs
     u_g: Tensor  # [S, H]: u·g (the lattice block of the score)
     u_sum: Tensor  # [S, H]: Σ_m u_m
     q: Tensor  # [S, H, d]
@@ -166,11 +175,13 @@ class _Atoms(NamedTuple):
 
 def _atoms(q, k, v, u, frac, gram, batch, lay: DenseLayout, num_freqs: int) -> _Atoms:
     k3 = 3 * num_freqs
-    sin, cos = fourier_tables(frac, num_freqs, q.dtype)  # [N, 3K]
+    phase = fourier_phases(frac, num_freqs, q.dtype)  # [N, 3K]
     # a_i (u rotated by atom i's table): a_i·t_j = u_i·φ(f_j − f_i); and as one more
     # "head" r_i, the rotated ones: r_i·t_j = Σ φ(f_j − f_i), for the LayerNorm mean.
-    a = _rotate(u[..., : 2 * k3], sin, cos, 1.0)  # [N, H, 6K]
-    ones_rot = torch.cat([cos + sin, cos - sin], dim=-1).unsqueeze(1)  # [N, 1, 6K]
+    # In complex form, with t_j = e^{iθ_j} read as (cos, sin) pairs: a_i = ū_i e^{iθ_i}
+    # where ū = u_cos + i u_sin, and r_i = (1 + i) e^{iθ_i}.
+    a = _complex(u, k3) * phase.unsqueeze(1)  # [N, H, 3K]
+    ones_rot = (phase * (1 + 1j)).unsqueeze(1)  # [N, 1, 3K]
     g_atom = gram.index_select(0, batch)  # [N, 9]
     u_g = (u[..., 2 * k3 :] * g_atom.unsqueeze(1)).sum(-1)  # [N, H]
 
@@ -178,8 +189,8 @@ def _atoms(q, k, v, u, frac, gram, batch, lay: DenseLayout, num_freqs: int) -> _
         return x.index_select(0, lay.gather)
 
     return _Atoms(
-        sin, cos, g_atom,
-        pad(torch.cat([a, ones_rot], dim=1)), pad(torch.cat([sin, cos], dim=-1)),
+        phase, g_atom,
+        pad(_interleaved(torch.cat([a, ones_rot], dim=1))), pad(_interleaved(phase)),
         pad(u_g), pad(u.sum(-1)), pad(q), pad(k), pad(v),
         gram.index_select(0, lay.crystals),
     )  # fmt: skip
@@ -267,11 +278,11 @@ def _forward_all(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps):
             )
         )
     o, acc, w_sum, w_mean, lse = (_unpad([x[i] for x in outs], lay) for i in range(5))
-    # Σ_j w_ij φ(f_j − f_i) = acc rotated back by atom i's table
-    y = torch.cat(
-        [_rotate(acc, at.sin, at.cos, -1.0), w_sum.unsqueeze(-1) * at.g_atom.unsqueeze(1)], dim=-1
-    ) - w_mean.unsqueeze(-1)
-    return o, y, lse, (lay, at, pairs, acc, w_sum)
+    # Σ_j w_ij φ(f_j − f_i) = acc rotated back by atom i's table: acc·e^{−iθ_i}
+    acc = _from_interleaved(acc)  # [N, H, 3K] complex
+    y_sin, y_cos = _split(acc * at.phase.conj_physical().unsqueeze(1))
+    y = torch.cat([y_sin, y_cos, w_sum.unsqueeze(-1) * at.g_atom.unsqueeze(1)], dim=-1)
+    return o, y - w_mean.unsqueeze(-1), lse, (lay, at, pairs, acc, w_sum)
 
 
 def _float(*ts: Tensor) -> tuple[torch.dtype, list[Tensor]]:
@@ -335,19 +346,18 @@ def _dense_grads(grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, num_freqs, 
     _, y, _, (lay, at, pairs, acc, w_sum) = _forward_all(
         q, k, v, u, frac, gram, batch, ptr, num_freqs, eps
     )
-    sin, cos = at.sin, at.cos
+    phase = at.phase.unsqueeze(1)  # [N, 1, 3K]
 
     # y = [rot⁻¹(acc), w_sum·g] − w_mean: gradients of acc, w_sum, w_mean, and of the
-    # tables and g through the rotation and the lattice block
-    dy_f, dy_g = grad_y[..., : 2 * k3], grad_y[..., 2 * k3 :]
-    d_acc = _rotate(dy_f, sin, cos, 1.0)  # the rotation's transpose is its inverse
-    d_w_sum = (dy_g * at.g_atom.unsqueeze(1)).sum(-1)  # [N, H]
+    # phases and g through the rotation and the lattice block. In complex form (ȳ =
+    # y_cos + i y_sin): ȳ = acc·e^{−iθ}, so d acc = dȳ·e^{iθ} and dE += conj(dȳ)·acc
+    # (dE = d cos + i d sin, E = e^{iθ}).
+    d_ybar = _complex(grad_y, k3)  # [N, H, 3K]
+    d_acc = _interleaved(d_ybar * phase)
+    d_phase = (d_ybar.conj_physical() * acc).sum(1)  # [N, 3K]
+    d_w_sum = (grad_y[..., 2 * k3 :] * at.g_atom.unsqueeze(1)).sum(-1)  # [N, H]
     d_w_mean = -grad_y.sum(-1)  # [N, H]
-    acc_s, acc_c = acc[..., :k3], acc[..., k3:]
-    dy_s, dy_c = dy_f[..., :k3], dy_f[..., k3:]
-    d_sin = (acc_s * dy_c - acc_c * dy_s).sum(1)  # [N, 3K]
-    d_cos = (acc_s * dy_s + acc_c * dy_c).sum(1)
-    d_g_atom = (w_sum.unsqueeze(-1) * dy_g).sum(1)  # [N, 9]
+    d_g_atom = (w_sum.unsqueeze(-1) * grad_y[..., 2 * k3 :]).sum(1)  # [N, 9]
 
     def pad0(x):  # [N, ...] -> [S, ...], padding slots 0
         mask = lay.valid.view(-1, *([1] * (x.dim() - 1)))
@@ -359,26 +369,31 @@ def _dense_grads(grad_o, grad_y, q, k, v, u, frac, gram, batch, ptr, num_freqs, 
         _unpad([x[i] for x in outs], lay) for i in range(7)
     )
     d_gram = torch.zeros_like(gram).index_copy(0, lay.crystals, torch.cat([x[7] for x in outs]))
-    d_a, d_r = d_a_ext[:, :heads], d_a_ext[:, heads]
+    d_a = _from_interleaved(d_a_ext[:, :heads])  # [N, H, 3K] complex
+    d_r = _from_interleaved(d_a_ext[:, heads])  # [N, 3K]
 
-    # a = rot(u): du = rot⁻¹(da) (+ Σu and u·g parts); the tables through a, r and t
-    u_s, u_c = u[..., :k3], u[..., k3 : 2 * k3]
-    da_s, da_c = d_a[..., :k3], d_a[..., k3:]
+    # a = ū·E: dū = da·conj(E) (+ the Σu and u·g parts), dE += conj(ū)·da;
+    # r = (1 + i)·E: dE += (1 − i)·dr; t = E: dE += dt
+    d_ubar = d_a * phase.conj_physical()
     du = torch.cat(
         [
-            _rotate(d_a, sin, cos, -1.0) + d_u_sum.unsqueeze(-1),
+            d_ubar.imag + d_u_sum.unsqueeze(-1),
+            d_ubar.real + d_u_sum.unsqueeze(-1),
             d_u_sum.unsqueeze(-1) + d_u_g.unsqueeze(-1) * at.g_atom.unsqueeze(1),
         ],
         dim=-1,
     )
-    dr_s, dr_c = d_r[..., :k3], d_r[..., k3:]
-    d_sin = d_sin + (u_c * da_s - u_s * da_c).sum(1) + dr_s - dr_c + d_table[:, :k3]
-    d_cos = d_cos + (u_s * da_s + u_c * da_c).sum(1) + dr_s + dr_c + d_table[:, k3:]
+    d_phase = (
+        d_phase
+        + (_complex(u, k3).conj_physical() * d_a).sum(1)
+        + d_r * (1 - 1j)
+        + _from_interleaved(d_table)
+    )
     d_g_atom = d_g_atom + (d_u_g.unsqueeze(-1) * u[..., 2 * k3 :]).sum(1)
     d_gram = d_gram.index_add(0, batch, d_g_atom)
-    # sin/cos of θ = 2πk f: dθ = d_sin·cos − d_cos·sin, df = Σ_k 2πk dθ
+    # E = e^{iθ}, θ = 2πk f: dθ = Im(dE·conj(E)), df = Σ_k 2πk dθ
     k2pi = (2.0 * math.pi) * torch.arange(num_freqs, device=q.device, dtype=q.dtype)
-    d_theta = (d_sin * cos - d_cos * sin).view(n, 3, num_freqs)
+    d_theta = (d_phase * at.phase.conj_physical()).imag.view(n, 3, num_freqs)
     d_frac = (d_theta * k2pi).sum(-1)
     return dq, dk, dv, du, d_frac, d_gram, y
 

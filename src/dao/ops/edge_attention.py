@@ -32,7 +32,10 @@ u and y ([N, H, 6K + 9]) are recomputed there. Backends of the core:
 * ``"triton"``: ``dao.kernels.edge_attention``, on a GPU or under TRITON_INTERPRET=1.
 * ``"torch"``: the reference twin :func:`dao.reference.edge_attention.edge_attention_core`
   on the explicit edge list (materialises everything; the test oracle).
-* ``"auto"``: cpp on CPU; triton on GPU if importable, else torch with a warning.
+* ``"dense"``: batched matrix products per size group of padded crystals, in plain
+  torch operations (``dao.ops._edge_attention_dense``; cuBLAS on a GPU), hand-written
+  backward. Any device.
+* ``"auto"``: cpp on CPU; triton on a CUDA device if importable, else dense.
 
 All are exact rewrites of :func:`dao.reference.edge_attention.edge_attention`;
 agreement is tested in float64 and float32 with the project's tolerance table.
@@ -42,7 +45,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 
 import torch
 from torch import Tensor
@@ -82,15 +84,10 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return backend
     if device.type == "cpu":
         return "cpp"
-    if has_triton():
+    if device.type == "cuda" and has_triton():
         return "triton"
-    warnings.warn(
-        "no fused edge-attention kernel for this device (Triton is not installed): "
-        "falling back to the PyTorch reference, which materialises every edge",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return "torch"
+    # no Triton (or not a CUDA device): batched products in plain torch, also exact
+    return "dense"
 
 
 def _crystal_ptr(batch: Tensor, num_crystals: int) -> Tensor:
