@@ -71,11 +71,13 @@ step tests 200 $PY -m pytest -q -p no:cacheprovider -o addopts="" -v --tb=short 
   --junitxml="$OUT/tests.xml" -k "not fresh_process" $TESTS
 
 step bench_train 240 $PY benchmarks/bench_edge_attention.py --device cuda --repeats 5 \
-  --providers reference factorized fused fused-dense reference+cuda_graph factorized+cuda_graph \
-  fused+cuda_graph fused-dense+cuda_graph fused-dense+compile --out "$OUT/edge_attention_gpu.csv"
+  --providers ${TRAIN_PROVIDERS:-reference factorized fused fused-dense reference+cuda_graph \
+  factorized+cuda_graph fused+cuda_graph fused-dense+cuda_graph fused-dense+compile} \
+  --out "$OUT/edge_attention_gpu.csv"
 
+# shellcheck disable=SC2086
 step bench_sampling 150 $PY benchmarks/bench_sampling.py --device cuda --steps 12 \
-  --fwd-heads 1 --out "$OUT/sampling_gpu.csv"
+  ${SAMPLING_ARGS:-} --out "$OUT/sampling_gpu.csv"
 
 step profile 90 $PY benchmarks/profile_train_step.py --sizes paper shipped --workloads mpts52 \
   --providers ${PROFILE_PROVIDERS:-reference factorized fused fused-dense} --out "$OUT/profile.txt"
