@@ -43,6 +43,12 @@ def _dirty(row: dict) -> str:
     return " + uncommitted changes" if row["commit"].endswith("+dirty") else ""
 
 
+def _ms(x) -> str:
+    """A time in ms, or a dash where the provider cannot time it (a captured step)."""
+    v = _f(x)
+    return "–" if v != v else f"{v:.1f} ms"
+
+
 def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -51,7 +57,11 @@ def training_section(rows: list[dict], gpu: bool = False) -> list[str]:
     """Tables per (model, batch) and a target table: the CPU targets for the fused
     provider, or (``gpu``) the GPU targets for the factorized and fused ones."""
     targets = TARGETS_GPU if gpu else TARGETS_CPU
-    fast = ("factorized", "fused") if gpu else ("fused",)
+    fast = (
+        ("factorized", "fused", "fused-dense", "fused+cuda_graph", "fused-dense+cuda_graph")
+        if gpu
+        else ("fused",)
+    )
     if not rows:
         return ["No edge-attention results yet: run `benchmarks/bench_edge_attention.py`."]
     r0 = rows[0]
@@ -112,7 +122,7 @@ def training_section(rows: list[dict], gpu: bool = False) -> list[str]:
             mr = mem / _f(ref["peak_mem_mb"]) if ref else float("nan")
             vs_comp = f"{sc:.2f}x | " if has_comp else ""
             out.append(
-                f"| {name} | {_f(r['forward_ms']):.1f} ms | {_f(r['backward_ms']):.1f} ms | "
+                f"| {name} | {_ms(r['forward_ms'])} | {_ms(r['backward_ms'])} | "
                 f"{step:.1f} ms | {su:.2f}x | {vs_comp}{mem:.1f} MB | {mr:.2f} |"
             )
         out.append("")
@@ -137,6 +147,10 @@ def training_section(rows: list[dict], gpu: bool = False) -> list[str]:
         head = [
             "#### GPU targets (issue): training step >= 3x the eager reference, peak memory "
             "<= 1/5 at MPTS-52 sizes",
+            "",
+            "Rows `+cuda_graph` replay a whole training step captured for the fixed batch: "
+            "`dao train` runs eager (its batches change layout), so they show what launch "
+            "overhead costs, not `dao train`'s speed.",
             "",
             "| model / batch / provider | step vs reference | memory ratio |",
             "|---|---:|---:|",
@@ -178,7 +192,7 @@ def sampling_section(rows: list[dict], gpu: bool = False) -> list[str]:
         ref = prov.get("reference")
         for name, r in prov.items():
             su = _f(r["structures_per_s"]) / _f(ref["structures_per_s"]) if ref else float("nan")
-            fast = name.startswith("fused") or (name == "factorized" and gpu)
+            fast = name != "reference" if gpu else name.startswith("fused")
             mark = _yes(su >= target) if fast else ""
             out.append(
                 f"| {model} | {wl} ({r['crystals']} crystals, {r['atoms']} atoms) | {name} | "
@@ -189,26 +203,30 @@ def sampling_section(rows: list[dict], gpu: bool = False) -> list[str]:
 
 
 def compile_section(rows: list[dict]) -> list[str]:
-    """The GPU torch.compile row with the eager reference and fused rows of its own run."""
+    """The GPU torch.compile rows, each run with the eager reference of its own run."""
     if not rows:
         return []
-    r0 = rows[0]
-    ref = next((r for r in rows if r["provider"] == "reference"), None)
     out = [
-        f"torch.compile of the reference on the GPU ({r0['model']} model, {r0['workload']}: "
-        f"{r0['crystals']} crystals; measured {r0['date']} at commit `{r0['commit'][:10]}`, "
-        "an earlier lease than the tables above, so ratios only within this table; "
+        "torch.compile on the GPU (earlier leases than the tables above, so ratios only "
+        "within a run; "
         "[`results/edge_attention_gpu_compile.csv`](results/edge_attention_gpu_compile.csv)):",
         "",
-        "| provider | train step | speed-up vs reference | peak memory |",
-        "|---|---:|---:|---:|",
+        "| commit | model / batch | provider | train step | speed-up vs reference | peak memory |",
+        "|---|---|---|---:|---:|---:|",
     ]
+    runs = defaultdict(list)
     for r in rows:
-        su = _f(ref["train_step_ms"]) / _f(r["train_step_ms"]) if ref else float("nan")
-        out.append(
-            f"| {r['provider']} | {_f(r['train_step_ms']):.1f} ms | {su:.2f}x | "
-            f"{_f(r['peak_mem_mb']):.0f} MB |"
-        )
+        runs[(r["commit"], r["model"], r["workload"])].append(r)
+    for (commit, model, wl), run in runs.items():
+        ref = next((r for r in run if r["provider"] == "reference"), None)
+        for r in run:
+            if r is ref:
+                continue
+            su = _f(ref["train_step_ms"]) / _f(r["train_step_ms"]) if ref else float("nan")
+            out.append(
+                f"| `{commit[:10]}` | {model} / {wl} | {r['provider']} | "
+                f"{_f(r['train_step_ms']):.1f} ms | {su:.2f}x | {_f(r['peak_mem_mb']):.0f} MB |"
+            )
     return [*out, ""]
 
 
@@ -285,13 +303,17 @@ def main() -> None:
         lines += [
             "### On a GPU",
             "",
-            "One lent NVIDIA H200 (a 15-minute lease; `benchmarks/gpu_session.sh` builds "
-            "with CUDA, runs the GPU tests and both benchmarks). Batches are GPU-sized "
-            "(256 / 64 crystals for training, up to 1,000 compositions for sampling); "
-            "`fused` is the Triton kernel, `factorized` the pure-PyTorch fast path that "
-            "`edge_impl='auto'` takes on CUDA, `fused+cuda_graph` the fused path with "
-            "each sampling step replayed from a CUDA graph (`dao generate` and `dao "
-            "sample-test` use `cuda_graph='auto'`).",
+            "One lent NVIDIA H200 (`benchmarks/gpu_session.sh` builds the package, runs the "
+            "GPU tests and both benchmarks in one bounded call). Batches are GPU-sized "
+            "(256 / 64 crystals for training, up to 1,000 compositions for sampling). "
+            "Providers: `fused` = the fused op with its Triton kernels, `fused-dense` = the "
+            "same op with its `dense` backend (batched cuBLAS products over crystals padded "
+            "by size group), `factorized` = the pure-PyTorch fast path; `+cuda_graph` = the "
+            "training step, or each sampling step, replayed from a CUDA graph. "
+            "`edge_impl='auto'` trains with `factorized` on a GPU and samples with `fused` "
+            "(`dao generate` and `dao sample-test` capture with `cuda_graph='auto'`). A "
+            "torch.profiler summary of one training step per provider is in "
+            "[`results/profile_gpu.txt`](results/profile_gpu.txt).",
             "",
             "#### Training cost (GPU)",
             "",

@@ -77,7 +77,7 @@ def crysformer_edge_features(
 
 def _auto_impl(device: torch.device, edges: Tensor | None) -> str:
     """``edge_impl = "auto"``: the fused op on CPU, and on a GPU without gradients
-    (sampling: with CUDA graphs the Triton forward ran 2-3.6x the factorized path's
+    (sampling: with CUDA graphs the Triton forward ran 2.1-3.5x the factorized path's
     structures/s at the shipped size on an H200); the factorized path for training on a
     GPU (it trained faster than both fused backends there, BENCHMARKS.md "On a GPU");
     the factorized path for a custom edge list (the fused op builds the full graph)."""
