@@ -240,3 +240,23 @@ def test_full_op_with_dense_backend_matches_naive_reference():
     assert_close(outs[1], outs[0].detach())
     for a, b in zip(grads[1], grads[0], strict=True):
         assert_close(a, b)
+
+
+def test_split_by_size_matches_a_search_over_every_split_point():
+    """Trying only the ends of runs of equal sizes finds the cost of the exhaustive
+    search (every split point), on random batches."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        sizes = np.sort(rng.integers(1, 53, size=int(rng.integers(1, 40))))
+        b, sq = len(sizes), sizes.astype(np.float64) ** 2
+
+        def cost(runs, sq=sq):
+            return sum((e - a) * sq[e - 1] for a, e in runs)
+
+        best = {1: b * sq[-1]}
+        for k in range(1, b):
+            best[2] = min(best.get(2, np.inf), cost([(0, k), (k, b)]))
+            for k2 in range(k + 1, b):
+                best[3] = min(best.get(3, np.inf), cost([(0, k), (k, k2), (k2, b)]))
+        runs = dense.split_by_size(sizes)
+        assert cost(runs) == pytest.approx(best[len(runs)])

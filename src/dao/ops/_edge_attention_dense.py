@@ -74,19 +74,24 @@ def dense_layout(batch: Tensor, ptr: Tensor) -> DenseLayout:
 def split_by_size(sizes: np.ndarray) -> list[tuple[int, int]]:
     """Split crystals sorted by size into at most three runs [a, b) that keep
     Σ_g B_g·width_g² (padded pairs) small; a run is added only where it saves at least
-    ``_GROUP_GAIN`` of the pairs (each costs kernel launches)."""
+    ``_GROUP_GAIN`` of the pairs (each costs kernel launches).
+
+    Only the ends of runs of equal sizes are tried as split points (moving a split
+    inside such a run to its end never costs more), so the search is over at most as
+    many points as there are distinct sizes, whatever the batch size."""
     b = len(sizes)
     if b == 0:
         return []
     sq = sizes.astype(np.float64) ** 2
+    cuts = np.flatnonzero(sizes[1:] != sizes[:-1]) + 1  # candidate split points
     best = [(float(b * sq[-1]), [(0, b)])]
-    if b >= 2 and _MAX_GROUPS >= 2:
-        k = np.arange(1, b)
-        cost = k * sq[k - 1] + (b - k) * sq[-1]
+    if len(cuts) >= 1 and _MAX_GROUPS >= 2:
+        cost = cuts * sq[cuts - 1] + (b - cuts) * sq[-1]
         i = int(np.argmin(cost))
-        best.append((float(cost[i]), [(0, int(k[i])), (int(k[i]), b)]))
-    if b >= 3 and _MAX_GROUPS >= 3:
-        k1, k2 = np.meshgrid(np.arange(1, b), np.arange(1, b), indexing="ij")
+        k = int(cuts[i])
+        best.append((float(cost[i]), [(0, k), (k, b)]))
+    if len(cuts) >= 2 and _MAX_GROUPS >= 3:
+        k1, k2 = np.meshgrid(cuts, cuts, indexing="ij")
         cost = k1 * sq[k1 - 1] + (k2 - k1) * sq[k2 - 1] + (b - k2) * sq[-1]
         cost = np.where(k2 > k1, cost, np.inf)
         i1, i2 = np.unravel_index(int(np.argmin(cost)), cost.shape)
