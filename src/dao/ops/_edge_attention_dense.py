@@ -155,10 +155,6 @@ def _interleaved(z: Tensor) -> Tensor:
     return torch.view_as_real(z).flatten(-2)
 
 
-# Conjugates are taken with conj_physical: a lazy conj() view gave wrong values when the
-# op ran under torch.compile's AOT dispatcher (opcheck's test_aot_dispatch_dynamic).
-
-
 def _from_interleaved(x: Tensor) -> Tensor:
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
 
@@ -283,7 +279,9 @@ def _forward_all(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps):
             )
         )
     o, acc, w_sum, w_mean, lse = (_unpad([x[i] for x in outs], lay) for i in range(5))
-    # Σ_j w_ij φ(f_j − f_i) = acc rotated back by atom i's table: acc·e^{−iθ_i}
+    # Σ_j w_ij φ(f_j − f_i) = acc rotated back by atom i's table: acc·e^{−iθ_i}.
+    # (Conjugates here and in the backward are conj_physical: a lazy conj() view gave
+    # wrong values when the op ran under torch.compile's AOT dispatcher, opcheck.)
     acc = _from_interleaved(acc)  # [N, H, 3K] complex
     y_sin, y_cos = _split(acc * at.phase.conj_physical().unsqueeze(1))
     y = torch.cat([y_sin, y_cos, w_sum.unsqueeze(-1) * at.g_atom.unsqueeze(1)], dim=-1)
@@ -296,7 +294,8 @@ def _float(*ts: Tensor) -> tuple[torch.dtype, list[Tensor]]:
     return dt, [t.to(dt) for t in ts]
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the op's lse: float32 for 16-bit inputs (as the Triton kernel)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -321,7 +320,7 @@ def dense_core(
     if n == 0:  # nothing to gather from; the products keep autograd connected
         return (q * 0).to(out_dtype), (u * 0).to(out_dtype), q.new_zeros(0, heads)
     o, y, lse, _ = _forward_all(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps)
-    return o.to(out_dtype), y.to(out_dtype), lse.to(_lse_dtype(out_dtype))
+    return o.to(out_dtype), y.to(out_dtype), lse.to(lse_dtype(out_dtype))
 
 
 def dense_forward(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps):

@@ -175,17 +175,12 @@ def _core_op(
         return _dense.dense_forward(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps)
     with torch.no_grad():
         o, y, lse = _ref.edge_attention_core(q, k, v, u, frac, gram, batch, num_freqs, eps)
-    return o, y, lse.to(_lse_dtype(q.dtype))
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """lse stays in float32 for 16-bit inputs (what the Triton kernel returns)."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return o, y, lse.to(_dense.lse_dtype(q.dtype))
 
 
 @_core_op.register_fake
 def _(q, k, v, u, frac, gram, batch, ptr, num_freqs, eps, backend):
-    lse = q.new_empty(q.shape[:2], dtype=_lse_dtype(q.dtype))
+    lse = q.new_empty(q.shape[:2], dtype=_dense.lse_dtype(q.dtype))
     return q.new_empty(q.shape), u.new_empty(u.shape), lse
 
 
