@@ -8,7 +8,7 @@ import sys
 from dao._progress import show_progress
 from dao.daop.cli import add_daop_parsers
 from dao.data.download import add_download_parser
-from dao.eval.cli import add_evaluate_parser
+from dao.eval.cli import add_compare_parser, add_evaluate_parser
 from dao.eval.sample import add_sample_parser
 
 __all__ = ["main"]
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_download_parser(sub)
     add_evaluate_parser(sub)
+    add_compare_parser(sub)
     add_sample_parser(sub)
     add_daop_parsers(sub)
     p = sub.add_parser("info", help="versions and available kernels")

@@ -208,3 +208,53 @@ def test_summarize_multi_sample_conventions():
     strict = summarize(recs, require_valid_gt=True)
     assert strict["match_rate_valid_filtered"] == pytest.approx(1 / 3)
     assert summarize(recs, num_test=6)["match_rate_unfiltered"] == pytest.approx(2 / 6)
+
+
+def _rec(mid, matched, valid=True, gt_valid=True, k=1):
+    sample = {"status": "match" if matched else "no_match", "rms": 0.1 if matched else None}
+    sample.update(valid=valid, comp_valid=valid, struct_valid=valid, seconds=0.0)
+    return {"material_id": mid, "num_samples": k, "gt_valid": gt_valid, "samples": [sample] * k}
+
+
+def test_compare_counts_discordant_crystals_and_exact_mcnemar(tmp_path, capsys):
+    from dao.cli import main  # noqa: PLC0415
+    from dao.eval.match import compare  # noqa: PLC0415
+
+    # 10 crystals: both match 0-1, A alone 2-6, B alone none, neither 7-9; crystal 5's
+    # A sample is invalid (counts unfiltered only), crystal 6's ground truth invalid
+    a = {f"m{i}": _rec(f"m{i}", 0 <= i <= 6, valid=i != 5, gt_valid=i != 6) for i in range(10)}
+    b = {f"m{i}": _rec(f"m{i}", i <= 1, gt_valid=i != 6) for i in range(10)}
+    b["extra"] = _rec("extra", True)  # not in A: ignored
+    out = compare(a, b)
+    assert out["num_test"] == 10
+    vf, un = out["valid_filtered"], out["unfiltered"]
+    assert (vf["matched_a"], vf["matched_b"], vf["both"], vf["only_a"], vf["only_b"]) == (
+        5,
+        2,
+        2,
+        3,
+        0,
+    )
+    assert (un["matched_a"], un["only_a"], un["only_b"]) == (7, 5, 0)
+    # exact two-sided binomial test of the discordant pairs: 2 * 0.5^n for an n-0 split
+    assert vf["mcnemar_p"] == pytest.approx(2 * 0.5**3)
+    assert un["mcnemar_p"] == pytest.approx(2 * 0.5**5)
+    assert compare(a, a)["valid_filtered"]["mcnemar_p"] == 1.0  # nothing discordant
+    with pytest.raises(ValueError, match="same number of samples"):
+        compare(a, {"m0": _rec("m0", True, k=2)})
+    with pytest.raises(ValueError, match="share no material_id"):
+        compare(a, {"zz": _rec("zz", True)})
+
+    # the command: table, JSON, clear error for a missing file
+    pa, pb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    pa.write_text("".join(json.dumps(r) + "\n" for r in a.values()))
+    pb.write_text("".join(json.dumps(r) + "\n" for r in b.values()))
+    assert (
+        main(["compare", str(pa), str(pb), "--names", "X", "Y", "--json", str(tmp_path / "c.json")])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "10 shared test crystals" in text and "X only" in text
+    assert json.loads((tmp_path / "c.json").read_text())["unfiltered"]["only_a"] == 5
+    with pytest.raises(SystemExit, match="no results file"):
+        main(["compare", str(tmp_path / "missing.jsonl"), str(pb)])

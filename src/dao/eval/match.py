@@ -53,6 +53,7 @@ import numpy as np
 from dao.eval.validity import Validity, validity_many
 
 __all__ = [
+    "compare",
     "MATCHER_KWARGS",
     "MIN_VOLUME",
     "rms_dist",
@@ -333,6 +334,47 @@ def summarize(
         "samples_by_status": status,
         "matcher": dict(MATCHER_KWARGS),
     }
+
+
+def compare(a: dict[str, dict], b: dict[str, dict], require_valid_gt: bool | None = None) -> dict:
+    """Paired comparison of two models' results on the same test crystals.
+
+    Per convention (valid-filtered, unfiltered): crystals matched by both, by A only
+    and by B only, and the two-sided exact McNemar p-value (a binomial test of the
+    discordant crystals against 1/2): the chance of a split at least this uneven if
+    both models matched equally often. Only crystals present in both are compared.
+
+    Args:
+        a, b: records by material_id (:func:`read_results`), same k.
+        require_valid_gt: valid-filtered convention; default True for k = 1, else False.
+    """
+    from scipy.stats import binomtest  # noqa: PLC0415  (scipy comes with pymatgen)
+
+    ids = sorted(set(a) & set(b))
+    if not ids:
+        raise ValueError("the two result files share no material_id")
+    ks = {a[i]["num_samples"] for i in ids} | {b[i]["num_samples"] for i in ids}
+    if len(ks) != 1:
+        raise ValueError(f"both results must use the same number of samples, got {sorted(ks)}")
+    k = ks.pop()
+    if require_valid_gt is None:
+        require_valid_gt = k == 1
+    out: dict = {"num_test": len(ids), "num_samples": k}
+    for name, pos in (("valid_filtered", 1), ("unfiltered", 0)):
+        ma = [_item_result(a[i], require_valid_gt)[pos] is not None for i in ids]
+        mb = [_item_result(b[i], require_valid_gt)[pos] is not None for i in ids]
+        only_a = sum(x and not y for x, y in zip(ma, mb, strict=True))
+        only_b = sum(y and not x for x, y in zip(ma, mb, strict=True))
+        n = only_a + only_b
+        out[name] = {
+            "matched_a": sum(ma),
+            "matched_b": sum(mb),
+            "both": sum(x and y for x, y in zip(ma, mb, strict=True)),
+            "only_a": only_a,
+            "only_b": only_b,
+            "mcnemar_p": float(binomtest(only_a, n, 0.5).pvalue) if n else 1.0,
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------- evaluate
