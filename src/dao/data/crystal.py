@@ -121,7 +121,8 @@ class CrystalBatch:
         lat = self.lattice.to(*args, **kwargs)
         frac = self.frac_coords.to(*args, **kwargs)
         dev = lat.device
-        if lat is self.lattice and frac is self.frac_coords and self.num_atoms.device == dev:
+        same = lat is self.lattice and frac is self.frac_coords
+        if same and self.num_atoms.device == dev and self.atom_types.device == dev:
             # nothing to convert: no copy, no second validation (whose value checks read
             # the device, which a training step captured in a CUDA graph cannot do)
             return self
