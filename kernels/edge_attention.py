@@ -740,8 +740,9 @@ def _tile_schedule(ptr: torch.Tensor, block: int):
 #: more programs (the grid is tiles x head groups) at the price of recomputing each
 #: tile's head-independent LayerNorm sums per group; the backward kernels always take
 #: all heads. Measured on an H200 (CUDA-graph sampling, two leases): one head per
-#: program was 12-18 % faster than all eight at the paper size, 4 % at the shipped size
-#: on MPTS-52 batches and even on MP-20 (benchmarks/results/sampling_gpu.csv).
+#: program was 12-18 % faster than all eight at the paper size, 4-6 % at the shipped size
+#: on MPTS-52 batches and equal (within 0.3 %) on MP-20
+#: (benchmarks/results/sampling_gpu_fwd_heads.csv).
 FWD_HEADS_ENV = "DAO_TRITON_FWD_HEADS"
 FWD_HEADS_DEFAULT = 1
 
