@@ -257,6 +257,19 @@ def row_facts(n_threads: int, device: str) -> dict[str, Any]:
     }
 
 
+def set_provider(model, provider: str) -> str:
+    """Point a Crysformer at the path a benchmark provider names and return the suffix.
+
+    Names read ``PATH[-BACKEND][+SUFFIX]``: PATH is ``reference`` (the naive per-layer
+    path), ``factorized`` or ``fused``; BACKEND the fused op's backend (default auto);
+    SUFFIX (``cuda_graph``, ``compile``, or "") how the caller runs it."""
+    head, _, suffix = provider.partition("+")
+    path, _, backend = head.partition("-")
+    model.edge_impl = "naive" if path == "reference" else path
+    model.edge_backend = backend or "auto"
+    return suffix
+
+
 def attempt(fn, *args, label: str, device: str):
     """``fn(*args)``, or None when it raises: a provider that fails is reported (traceback
     and a FAILED line naming ``label``) and its row left out, so the other rows of a

@@ -147,10 +147,7 @@ def make_diffusion(size: str, provider: str, device: str = "cpu"):
 
     torch.manual_seed(0)
     diff = build_diffusion({"model": {"model": "crysformer", **SIZES[size]}}).to(device)
-    path, _, backend = provider.partition("+")[0].partition("-")
-    diff.model.edge_impl = "naive" if provider.startswith("reference") else path
-    diff.model.edge_backend = backend or "auto"
-    if provider.endswith("+compile"):
+    if _harness.set_provider(diff.model, provider) == "compile":
         diff.model = torch.compile(diff.model, dynamic=False)
     return diff
 

@@ -86,10 +86,7 @@ def make_diffusion(model: str, device: str):
 
 
 def seconds_per_step(diff, types, nums, provider: str, steps: int, device: str) -> float:
-    path, _, graph = provider.partition("+")
-    path, _, backend = path.partition("-")
-    diff.model.edge_impl = {"reference": "naive"}.get(path, path)
-    diff.model.edge_backend = backend or "auto"
+    graph = _harness.set_provider(diff.model, provider) == "cuda_graph"
     kwargs = {"step_backend": "torch"} if provider == "reference" else {}
     if graph:
         kwargs["cuda_graph"] = True

@@ -79,7 +79,8 @@ def test_core_matches_reference(sizes, dtype, shape, kernel):
         )
 
 
-def test_full_op_matches_naive_reference():
+@pytest.mark.parametrize("backend", ["cpp", "dense"])
+def test_full_op_matches_naive_reference(backend):
     """The composite (folded LayerNorm affine, u = W'ᵀq, W'·y) equals the naive
     per-edge computation, forward and gradients of every tensor argument."""
     heads, d, num_freqs = 2, 4, 3
@@ -95,9 +96,9 @@ def test_full_op_matches_naive_reference():
     ]
     args = [t.reshape(-1, h) for t in (q, k, v)] + [frac, lattice]
     outs, grads = [], []
-    for fn in (ref.edge_attention, edge_attention):
+    for fn, kw in ((ref.edge_attention, {}), (edge_attention, {"backend": backend})):
         xs = [t.clone().requires_grad_(True) for t in args + params]
-        out = fn(*xs[:5], batch, *xs[5:], heads, num_freqs)
+        out = fn(*xs[:5], batch, *xs[5:], heads, num_freqs, **kw)
         outs.append(out)
         grads.append(torch.autograd.grad(out.square().sum(), xs))
     assert_close(outs[1], outs[0].detach())
@@ -159,26 +160,28 @@ def test_gradcheck_small(kernel):
 # reads .grad of a non-leaf tensor it made itself and warns; not our op's doing, and
 # every opcheck test still runs and must pass.
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
-def test_opcheck():
+@pytest.mark.parametrize("backend", ["cpp", "dense"])
+def test_opcheck(backend):
     q, k, v, u, frac, gram, batch, _ = _batch([3, 2], seed=11)
     ptr = torch.tensor([0, 3, 5])
     ins = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
     torch.library.opcheck(
-        torch.ops.dao.edge_attention_core.default, (*ins, batch, ptr, 3, 1e-5, "cpp")
+        torch.ops.dao.edge_attention_core.default, (*ins, batch, ptr, 3, 1e-5, backend)
     )
-    o, y, lse = torch.ops.dao.edge_attention_core(*ins, batch, ptr, 3, 1e-5, "cpp")
+    o, y, lse = torch.ops.dao.edge_attention_core(*ins, batch, ptr, 3, 1e-5, backend)
     args = (torch.ones_like(o), torch.ones_like(y), q, k, v, u, frac, gram, batch, ptr)
     torch.library.opcheck(
         torch.ops.dao.edge_attention_core_backward.default,
-        (*args, o.detach(), lse, 3, 1e-5, "cpp"),
+        (*args, o.detach(), lse, 3, 1e-5, backend),
     )
 
 
-def test_torch_compile_forward_and_backward():
+@pytest.mark.parametrize("backend", ["cpp", "dense"])
+def test_torch_compile_forward_and_backward(backend):
     q, k, v, u, frac, gram, batch, _ = _batch([4, 2, 3], seed=12)
 
     def loss(q, k, v, u, frac, gram):
-        o, y, _ = edge_attention_core(q, k, v, u, frac, gram, batch, 3, backend="cpp")
+        o, y, _ = edge_attention_core(q, k, v, u, frac, gram, batch, 3, backend=backend)
         return o.square().sum() + (y * y.detach()).sum()
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)

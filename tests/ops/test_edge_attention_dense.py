@@ -1,7 +1,9 @@
 """The ``dense`` backend of the fused edge attention (batched products over padded
 crystals, hand-written backward) against the float64 reference, on CPU and, where
 there is one, on a GPU. Also the ``torch`` backend's backward (a regression: it used
-``torch.autograd.grad`` inside the op, where nothing is recorded)."""
+``torch.autograd.grad`` inside the op, where nothing is recorded). opcheck,
+torch.compile and the full op against the naive reference run for this backend in
+test_edge_attention.py, parametrized over the backends."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from ops.test_edge_attention import SIZES, _batch
 
 from dao._graph import static_batch
 from dao.ops import _edge_attention_dense as dense
-from dao.ops.edge_attention import _crystal_ptr, edge_attention, edge_attention_core
+from dao.ops.edge_attention import _crystal_ptr, edge_attention_core
 from dao.reference import edge_attention as ref
 
 NAMES = ("q", "k", "v", "u", "frac", "gram")
@@ -92,38 +94,6 @@ def test_gradcheck():
         return o, y
 
     assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-6)
-
-
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
-def test_opcheck():
-    q, k, v, u, frac, gram, batch, _ = _batch([3, 2], seed=11)
-    ptr = torch.tensor([0, 3, 5])
-    ins = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
-    torch.library.opcheck(
-        torch.ops.dao.edge_attention_core.default, (*ins, batch, ptr, 3, 1e-5, "dense")
-    )
-    o, y, lse = torch.ops.dao.edge_attention_core(*ins, batch, ptr, 3, 1e-5, "dense")
-    args = (torch.ones_like(o), torch.ones_like(y), q, k, v, u, frac, gram, batch, ptr)
-    torch.library.opcheck(
-        torch.ops.dao.edge_attention_core_backward.default,
-        (*args, o.detach(), lse, 3, 1e-5, "dense"),
-    )
-
-
-def test_torch_compile_forward_and_backward():
-    q, k, v, u, frac, gram, batch, _ = _batch([4, 2, 3], seed=12)
-
-    def loss(q, k, v, u, frac, gram):
-        o, y, _ = edge_attention_core(q, k, v, u, frac, gram, batch, 3, backend="dense")
-        return o.square().sum() + (y * y.detach()).sum()
-
-    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    xs = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
-    ys = [t.clone().requires_grad_(True) for t in (q, k, v, u, frac, gram)]
-    eager, comp = loss(*xs), compiled(*ys)
-    assert_close(comp, eager.detach())
-    for a, b in zip(torch.autograd.grad(comp, ys), torch.autograd.grad(eager, xs), strict=True):
-        assert_close(a, b)
 
 
 def test_empty_input():
@@ -216,30 +186,6 @@ def test_model_with_dense_backend_matches_naive():
     assert_close(b.lattice, a.lattice.detach())
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], atol=1e-9, rtol=1e-9, msg=name)
-
-
-def test_full_op_with_dense_backend_matches_naive_reference():
-    heads, d, num_freqs = 2, 4, 3
-    dim = 6 * num_freqs + 9
-    q, k, v, _, frac, _, batch, lattice = _batch([4, 1, 3], heads, d, num_freqs, seed=5)
-    g = torch.Generator().manual_seed(6)
-    h = heads * d
-    params = [
-        0.3 * torch.randn(h, dim, generator=g, dtype=torch.float64),
-        torch.randn(h, generator=g, dtype=torch.float64),
-        1 + 0.2 * torch.randn(dim, generator=g, dtype=torch.float64),
-        0.2 * torch.randn(dim, generator=g, dtype=torch.float64),
-    ]
-    args = [t.reshape(-1, h) for t in (q, k, v)] + [frac, lattice]
-    outs, grads = [], []
-    for fn, kw in ((ref.edge_attention, {}), (edge_attention, {"backend": "dense"})):
-        xs = [t.clone().requires_grad_(True) for t in args + params]
-        out = fn(*xs[:5], batch, *xs[5:], heads, num_freqs, **kw)
-        outs.append(out)
-        grads.append(torch.autograd.grad(out.square().sum(), xs))
-    assert_close(outs[1], outs[0].detach())
-    for a, b in zip(grads[1], grads[0], strict=True):
-        assert_close(a, b)
 
 
 def test_split_by_size_matches_a_search_over_every_split_point():
