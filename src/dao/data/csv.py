@@ -332,9 +332,12 @@ def process_csv(
                     for fut in as_completed(futures):
                         results.update(fut.result())
                         bar.update(len(futures[fut]))
-            except BrokenProcessPool as exc:
+            except (BrokenProcessPool, OSError) as exc:
                 # Typically the workers could not re-import the __main__ module (a script
                 # without an `if __name__ == "__main__":` guard, or code piped to stdin).
+                # Depending on timing that surfaces as a broken pool, or, once the
+                # forkserver itself has died of it, as an OSError when the pool starts its
+                # next worker (rows never raise here: _parse_chunk catches per row).
                 todo = [c for c in chunks if c[0][0] not in results]
                 logger.warning(
                     "%s: worker processes failed (%s); parsing the remaining %d rows in "
