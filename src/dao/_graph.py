@@ -58,10 +58,10 @@ def static_batch() -> Iterator[None]:
     layout; those computations need host synchronisation (``bincount``, sizes read
     back from the device), which costs time on a GPU and cannot be captured in a CUDA
     graph. Values are keyed by the tensor's storage, version, shape, dtype and device
-    (and the extra arguments), so a layout tensor changed in place is recomputed;
-    the memo is dropped when the outermost ``static_batch`` exits. Not used while
-    torch.compile traces. One memo per process (shared with the autograd engine's
-    worker threads), dropped when the last open ``static_batch`` exits.
+    (and the extra arguments), so a layout tensor changed in place is recomputed.
+    Not used while torch.compile traces. One memo per process (shared with the
+    autograd engine's worker threads), dropped when the last open ``static_batch``
+    exits.
     """
     with _STATE.lock:
         if _STATE.depth == 0:
